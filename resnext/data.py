@@ -1,0 +1,217 @@
+"""Images in, tensors out: decoding, the shared transforms, datasets and the eval sampler.
+
+One preprocessing for predict.py, evaluate.py and train.py's validation (mmpretrain
+configs/_base_/datasets/imagenet_bs32_pil_resize.py): decode to RGB with EXIF orientation
+applied, resize the short side to 256 with PIL bilinear, centre crop 224, normalise with the
+ImageNet mean/std. Training: RandomResizedCrop 224 (area 0.08-1, ratio 3/4-4/3) and a
+horizontal flip.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset, Sampler
+from torchvision import datasets
+from torchvision import transforms as T
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "ImageReadError", "load_image",
+    "eval_transform", "train_transform", "imagenet_wnids", "imagenet_class_names",
+    "ClassFolderDataset", "AnnotationFileDataset", "UnpaddedDistributedSampler",
+    "find_images",
+]
+
+# mmpretrain's mean (123.675, 116.28, 103.53) and std (58.395, 57.12, 57.375) on the 0-255
+# scale, divided by 255: identical to torchvision's ImageNet constants.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's IMG_EXTENSIONS (a superset of mmpretrain's), matched case-insensitively.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Validation resizes the short side to img_size / 0.875 (256 for 224) before the centre crop.
+CROP_FRACTION = 0.875
+
+
+class ImageReadError(ValueError):
+    """An image file is missing, empty, truncated or not an image; the message names it."""
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file to an RGB PIL image, EXIF orientation applied.
+
+    Modes L, LA, P (with or without transparency), RGBA and CMYK all become RGB (alpha
+    is dropped, as OpenCV's IMREAD_COLOR does in mmpretrain).
+
+    Raises:
+        ImageReadError: naming the path, when the file is missing, empty, not an image or
+            truncated.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, so truncation errors surface here with the path
+            im = ImageOps.exif_transpose(im)
+            if im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")  # PIL's advice for palette images with transparency
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise ImageReadError(f"{path}: empty file") from None
+        raise ImageReadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def eval_transform(img_size: int = 224, resize_size: int | None = None) -> T.Compose:
+    """Test preprocessing: PIL RGB image -> (3, img_size, img_size) float32 normalised tensor.
+
+    Args:
+        img_size: centre-crop size in pixels (mmpretrain: 224).
+        resize_size: short side after resizing, in pixels; default floor(img_size / 0.875)
+            (256 for 224), as mmpretrain and timm.
+    """
+    resize_size = resize_size or math.floor(img_size / CROP_FRACTION)
+    return T.Compose([
+        T.Resize(resize_size, interpolation=T.InterpolationMode.BILINEAR),
+        T.CenterCrop(img_size),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def train_transform(img_size: int = 224) -> T.Compose:
+    """Training augmentation (mmpretrain imagenet_bs32_pil_resize train pipeline): PIL RGB
+    image -> (3, img_size, img_size) float32 normalised tensor, random crop and flip."""
+    return T.Compose([
+        T.RandomResizedCrop(img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                            interpolation=T.InterpolationMode.BILINEAR),
+        T.RandomHorizontalFlip(0.5),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+@functools.lru_cache(maxsize=1)
+def _imagenet_table() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    text = resources.files("resnext").joinpath("imagenet1k.tsv").read_text(encoding="utf-8")
+    rows = [line.split("\t") for line in text.splitlines() if line.strip()]
+    assert [int(r[0]) for r in rows] == list(range(1000)), "imagenet1k.tsv is corrupt"
+    return tuple(r[1] for r in rows), tuple(r[2] for r in rows)
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids in class-index order ('n01440764' is 0)."""
+    return list(_imagenet_table()[0])
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k short class names in index order ('tench', 'goldfish', ...)."""
+    return list(_imagenet_table()[1])
+
+
+def find_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under `folder` (recursively, sorted, extensions case-insensitive). Links
+    are not followed out of the folder."""
+    root = Path(folder).resolve()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.lower().endswith(IMAGE_EXTENSIONS) and path.resolve().is_relative_to(root):
+                found.append(path)
+    return found
+
+
+class ClassFolderDataset(datasets.ImageFolder):
+    """`root/<class>/<image>` layout (torchvision ImageFolder) with a chosen label mapping.
+
+    Args:
+        root: folder whose sub-folders are classes.
+        transform: applied to the RGB PIL image (see eval_transform / train_transform).
+        class_to_idx: folder name -> label; default the sorted folder order. Folders not in
+            the mapping are ignored.
+    Items are (transform(image), label). Raises FileNotFoundError (torchvision's) when a class
+    folder holds no image.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
+                 class_to_idx: dict[str, int] | None = None):
+        self._class_to_idx = class_to_idx
+        super().__init__(str(root), transform=transform, loader=load_image,
+                         is_valid_file=None)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        if self._class_to_idx is None:
+            return super().find_classes(directory)
+        classes = sorted(self._class_to_idx, key=self._class_to_idx.get)
+        return classes, dict(self._class_to_idx)
+
+
+class AnnotationFileDataset(Dataset):
+    """mmpretrain's annotation-file layout: lines `relative/path label`, paths under root.
+
+    Args:
+        root: folder the paths are relative to (mmpretrain's data_prefix).
+        ann_file: text file, one `path label` per line (e.g. meta/val.txt of ImageNet).
+        transform: applied to the RGB PIL image.
+        classes: optional class names (len must exceed every label).
+    Raises:
+        ValueError: naming the file and line, for a malformed line, a negative label or a
+            path that leaves root.
+        FileNotFoundError: ann_file does not exist.
+    """
+
+    def __init__(self, root: str | os.PathLike, ann_file: str | os.PathLike,
+                 transform: Callable | None = None, classes: Sequence[str] | None = None):
+        self.root = Path(root)
+        self.transform = transform
+        self.samples: list[tuple[str, int]] = []
+        base = self.root.resolve()
+        with open(ann_file, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                parts = line.strip().rsplit(maxsplit=1)
+                if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                    raise ValueError(f"{ann_file}:{lineno}: expected 'relative/path label', "
+                                     f"got {line.strip()!r}")
+                rel, label = parts[0], int(parts[1])
+                path = (self.root / rel)
+                if label < 0 or not path.resolve().is_relative_to(base):
+                    raise ValueError(f"{ann_file}:{lineno}: label must be >= 0 and the path "
+                                     f"inside {self.root}, got {line.strip()!r}")
+                self.samples.append((str(path), label))
+        if not self.samples:
+            raise ValueError(f"{ann_file}: no annotations")
+        self.targets = [label for _, label in self.samples]
+        self.classes = list(classes) if classes is not None else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        image = load_image(path)
+        return (self.transform(image) if self.transform else image), label
+
+
+class UnpaddedDistributedSampler(Sampler[int]):
+    """Shards indices 0..N-1 over ranks without padding (rank r gets r, r+W, r+2W, ...), so
+    every image is evaluated exactly once; shard sizes may differ by one."""
+
+    def __init__(self, dataset_len: int, num_replicas: int, rank: int):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} not in [0, {num_replicas})")
+        self.indices = range(rank, dataset_len, num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
