@@ -396,26 +396,40 @@ def load_pretrained(model: nn.Module, name: str, pretrained: bool | str | os.Pat
     return load_weights(model, pretrained, reset_head=reset_head)
 
 
-def get_model(name: str, pretrained: bool | str | os.PathLike = False, **kwargs) -> nn.Module:
+def get_model(name: str | None = None, pretrained: bool | str | os.PathLike | Checkpoint = False,
+              **kwargs) -> nn.Module:
     """Build a model by factory name ('resnext50_32x4d') or seed name
     ('resnext50-32x4d_8xb32_in1k'), like mmpretrain's get_model.
 
+    With a checkpoint path/URL and no num_classes, the classifier size is taken from the
+    file, so `get_model('resnext50_32x4d', 'work_dirs/rx50/best.pth')` rebuilds a 2-class
+    model from train.py; with name None, the file's own model name (our checkpoints store it)
+    or resnext50_32x4d.
+
     Args:
-        name: see RELEASED_WEIGHTS and resnext.list_models().
-        pretrained: False, True (released weights) or a path/URL.
+        name: see RELEASED_WEIGHTS and resnext.list_models(), or None.
+        pretrained: False, True (released weights), a path/URL or a read Checkpoint.
         **kwargs: forwarded to the factory (num_classes, reset_head, ...).
     Returns:
         The model, in eval mode when weights were loaded.
     Raises:
-        ValueError: unknown name (the message lists the known ones).
+        ValueError: unknown name (the message lists the known ones); loader errors.
     """
     from .model import _FACTORIES
+    if pretrained is not False and pretrained is not True and not kwargs.get("reset_head"):
+        ckpt = pretrained if isinstance(pretrained, Checkpoint) else read_checkpoint(pretrained)
+        kwargs.setdefault("num_classes", _fc_out(ckpt.state_dict) or 0)
+        meta = ckpt.raw.get("meta") if isinstance(ckpt.raw, Mapping) else None
+        if name is None and isinstance(meta, Mapping) and meta.get("model") in _FACTORIES:
+            name = meta["model"]
+        pretrained = ckpt
+    name = name or "resnext50_32x4d"
     factory_name = RELEASED_WEIGHTS[name].factory if name in RELEASED_WEIGHTS else name
     if factory_name not in _FACTORIES:
         known = sorted(set(_FACTORIES) | set(RELEASED_WEIGHTS))
         raise ValueError(f"unknown model {name!r}; known: {', '.join(known)}")
     model = _FACTORIES[factory_name](pretrained=pretrained, **kwargs)
-    return model.eval() if pretrained else model
+    return model.eval() if pretrained is not False else model
 
 
 # --- download ---------------------------------------------------------------------------------

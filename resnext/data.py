@@ -25,7 +25,7 @@ __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "ImageReadError", "load_image",
     "eval_transform", "train_transform", "imagenet_wnids", "imagenet_class_names",
     "ClassFolderDataset", "AnnotationFileDataset", "UnpaddedDistributedSampler",
-    "find_images",
+    "find_images", "folder_class_mapping", "build_dataset",
 ]
 
 # mmpretrain's mean (123.675, 116.28, 103.53) and std (58.395, 57.12, 57.375) on the 0-255
@@ -215,3 +215,76 @@ class UnpaddedDistributedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+_LAYOUT_HELP = (
+    "Expected either (a) class folders, root/<class>/<image> (ImageNet val sorted into wnid "
+    "folders such as root/n01440764/ILSVRC2012_val_00000293.JPEG, or any ImageFolder), or "
+    "(b) mmpretrain's layout: a folder of images plus an annotation file of "
+    "'relative/path label' lines (e.g. --ann-file meta/val.txt), paths relative to the folder.")
+
+
+def folder_class_mapping(root: str | os.PathLike, class_names: Sequence[str] | None = None,
+                         num_classes: int | None = None) -> dict[str, int]:
+    """Label of each class folder under `root`, for evaluating a given model.
+
+    In order: folders that are all among the model's class names get those names' indices
+    (whatever their sort order: a model from train.py); ImageNet wnid folders (n01440764, ...)
+    get their ImageNet-1k index, for a 1000-class model (a subset of the 1000 folders keeps the
+    released indices); a model without class names gets the sorted folder order (ImageFolder).
+
+    Args:
+        root: folder holding one sub-folder per class.
+        class_names: the model's class names, if known.
+        num_classes: the model's number of outputs, if known.
+    Returns:
+        folder name -> label.
+    Raises:
+        ValueError: no class folders (a flat folder: the message explains both layouts), or
+            folders that match neither the class names nor the wnids (listed).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a folder. {_LAYOUT_HELP}")
+    folders = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    if not folders:
+        raise ValueError(f"{root}: no class folders found (a flat folder of images needs an "
+                         f"annotation file). {_LAYOUT_HELP}")
+    if class_names is not None and all(f in class_names for f in folders):
+        return {f: list(class_names).index(f) for f in folders}
+    wnid_index = {w: i for i, w in enumerate(imagenet_wnids())}
+    n = len(class_names) if class_names is not None else num_classes
+    if all(f in wnid_index for f in folders) and n in (None, 1000):
+        return {f: wnid_index[f] for f in folders}
+    if class_names is None:
+        if num_classes is not None and len(folders) > num_classes:
+            raise ValueError(f"{root}: {len(folders)} class folders but the model has only "
+                             f"{num_classes} classes")
+        return {f: i for i, f in enumerate(folders)}
+    unknown = [f for f in folders if f not in class_names and f not in wnid_index]
+    unknown = unknown or [f for f in folders if f not in class_names]
+    preview = ", ".join(map(repr, list(class_names)[:5])) + (", ..." if len(class_names) > 5 else "")
+    raise ValueError(f"{root}: class folders {unknown} match neither the model's "
+                     f"{len(class_names)} class names ({preview}) nor ImageNet-1k wnids")
+
+
+def build_dataset(root: str | os.PathLike, ann_file: str | os.PathLike | None = None,
+                  transform: Callable | None = None, class_names: Sequence[str] | None = None,
+                  num_classes: int | None = None) -> Dataset:
+    """The dataset for a folder, in either supported layout (see folder_class_mapping).
+
+    Args:
+        root: the class-folder root, or with ann_file the folder the annotation paths are
+            relative to.
+        ann_file: mmpretrain annotation file ('relative/path label' lines), or None.
+        transform: applied to each RGB PIL image.
+        class_names, num_classes: the model's, to map folders to its labels.
+    Returns:
+        A dataset of (tensor, label) with `samples` [(path, label), ...].
+    Raises:
+        ValueError: see folder_class_mapping and AnnotationFileDataset.
+    """
+    if ann_file is not None:
+        return AnnotationFileDataset(root, ann_file, transform, classes=class_names)
+    mapping = folder_class_mapping(root, class_names, num_classes)
+    return ClassFolderDataset(root, transform, class_to_idx=mapping)

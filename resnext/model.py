@@ -134,6 +134,11 @@ class ResNeXt(nn.Module):
         self.init_weights(zero_init_residual)
         self._freeze_stages()
 
+    @property
+    def arch_name(self) -> str:
+        """Factory-style name of this architecture, e.g. 'resnext50_32x4d'."""
+        return f"resnext{self.depth}_{self.groups}x{self.width_per_group}d"
+
     @staticmethod
     def _make_stage(in_channels: int, width: int, out_channels: int, blocks: int,
                     stride: int, groups: int) -> nn.Sequential:

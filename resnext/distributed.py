@@ -1,0 +1,70 @@
+"""torchrun / single-process setup shared by train.py and evaluate.py.
+
+`RANK` in the environment means torchrun launched us: join the process group (NCCL on CUDA,
+gloo on CPU) and take the GPU named by LOCAL_RANK. Otherwise run as one process.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "init_distributed", "cleanup_distributed"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """rank/world_size over all nodes, local_rank on this node, the device to use."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the one process that prints, shows progress and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+
+def init_distributed(device: str | None = None, timeout_s: float = 1800.0,
+                     local_rank: int | None = None) -> DistInfo:
+    """Join torchrun's process group if launched by it, and pick the device.
+
+    Args:
+        device: 'cpu', 'cuda', 'cuda:1' ...; default CUDA when available, else CPU. Under
+            torchrun a plain 'cuda' becomes cuda:LOCAL_RANK.
+        timeout_s: seconds after which a collective waiting on a dead peer raises instead of
+            hanging (init_process_group's timeout).
+        local_rank: the old launcher's --local-rank flag; LOCAL_RANK from the environment wins.
+    Returns:
+        DistInfo.
+    """
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank or 0))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank if launched else 0)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if launched and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def cleanup_distributed() -> None:
+    """Destroy the process group if one exists (at exit, also after an error)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
