@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from resnext.checkpoint import get_model
+from resnext.checkpoint import get_model, read_checkpoint
 from resnext.data import UnpaddedDistributedSampler, build_dataset, eval_transform
 from resnext.distributed import cleanup_distributed, init_distributed
 from resnext.inference import autocast
@@ -43,7 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "format); default: the released OpenMMLab weights of --model")
     p.add_argument("--batch-size", type=int, default=32, help="images per process")
     p.add_argument("--workers", type=int, default=4, help="data loading processes per rank")
-    p.add_argument("--img-size", type=int, default=224, help="centre-crop size (pixels)")
+    p.add_argument("--img-size", type=int, default=None, help="centre-crop size (pixels); "
+                   "default: the size train.py stored in the checkpoint, else 224")
     p.add_argument("--resize-size", type=int, default=None,
                    help="short side before cropping; default img-size/0.875 (256 for 224)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; default cuda if present")
@@ -133,13 +134,14 @@ def build_loader(dataset, batch_size: int, workers: int, rank: int, world_size: 
 def main(args: argparse.Namespace) -> dict:
     info = init_distributed(args.device)
     try:
-        pretrained = args.checkpoint if args.checkpoint else True
+        pretrained = read_checkpoint(args.checkpoint) if args.checkpoint else True
+        img_size = args.img_size or (pretrained is not True and pretrained.meta.get("img_size")) or 224
         model = get_model(args.model, pretrained=pretrained).to(info.device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         num_classes = model.fc.out_features if hasattr(model.fc, "out_features") else None
         dataset = build_dataset(args.data, args.ann_file,
-                                eval_transform(args.img_size, args.resize_size),
+                                eval_transform(img_size, args.resize_size),
                                 model.class_names, num_classes)
         loader = build_loader(dataset, args.batch_size, args.workers, info.rank,
                               info.world_size, pin_memory=info.device.type == "cuda")

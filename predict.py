@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from resnext.checkpoint import get_model
+from resnext.checkpoint import get_model, read_checkpoint
 from resnext.data import IMAGE_EXTENSIONS, ImageReadError, eval_transform, find_images, load_image
 from resnext.inference import classify
 
@@ -32,7 +32,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=5, help="classes to show (capped at the "
                    "number of classes)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--img-size", type=int, default=224, help="centre-crop size (pixels)")
+    p.add_argument("--img-size", type=int, default=None, help="centre-crop size (pixels); "
+                   "default: the size train.py stored in the checkpoint, else 224")
     p.add_argument("--device", default=None, help="cpu, cuda, ...; default cuda if present")
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast (opt-in)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
@@ -55,11 +56,13 @@ def main(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise ValueError("--topk must be at least 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = get_model(args.model, pretrained=args.checkpoint or True).to(device)
+    pretrained = read_checkpoint(args.checkpoint) if args.checkpoint else True
+    img_size = args.img_size or (pretrained is not True and pretrained.meta.get("img_size")) or 224
+    model = get_model(args.model, pretrained=pretrained).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     names = model.class_names
-    transform = eval_transform(args.img_size)
+    transform = eval_transform(img_size)
     paths = collect_paths(args.inputs)
     if not paths:
         print(f"predict.py: no images found in {args.inputs} (extensions: "

@@ -268,6 +268,12 @@ class Checkpoint:
     path: Path
     raw: Any = None
 
+    @property
+    def meta(self) -> Mapping[str, Any]:
+        """The file's 'meta' dict (train.py stores model, classes, img_size there), or {}."""
+        meta = self.raw.get("meta") if isinstance(self.raw, Mapping) else None
+        return meta if isinstance(meta, Mapping) else {}
+
 
 def _is_url(source: str | os.PathLike) -> bool:
     return isinstance(source, str) and urlparse(source).scheme in ("http", "https", "file")
@@ -419,9 +425,8 @@ def get_model(name: str | None = None, pretrained: bool | str | os.PathLike | Ch
     if pretrained is not False and pretrained is not True and not kwargs.get("reset_head"):
         ckpt = pretrained if isinstance(pretrained, Checkpoint) else read_checkpoint(pretrained)
         kwargs.setdefault("num_classes", _fc_out(ckpt.state_dict) or 0)
-        meta = ckpt.raw.get("meta") if isinstance(ckpt.raw, Mapping) else None
-        if name is None and isinstance(meta, Mapping) and meta.get("model") in _FACTORIES:
-            name = meta["model"]
+        if name is None and ckpt.meta.get("model") in _FACTORIES:
+            name = ckpt.meta["model"]
         pretrained = ckpt
     name = name or "resnext50_32x4d"
     factory_name = RELEASED_WEIGHTS[name].factory if name in RELEASED_WEIGHTS else name
@@ -495,7 +500,10 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

@@ -59,8 +59,18 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0,
         torch.cuda.set_device(dev)
     if launched and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        if restart > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # After torchrun --max-restarts restarts the group, its shared store still holds
+            # the dead group's addresses (pytorch/pytorch#135712): keep each attempt's keys
+            # apart. Multi-node restarts: also set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  world_size, is_master=False, timeout=timeout)
+            kwargs.update(store=dist.PrefixStore(f"resnext/attempt{restart}", store),
+                          rank=rank, world_size=world_size)
+        dist.init_process_group(backend, timeout=timeout, **kwargs)
     return DistInfo(rank, world_size, local_rank, dev)
 
 
