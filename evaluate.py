@@ -27,7 +27,7 @@ from tqdm import tqdm
 from resnext.checkpoint import get_model, read_checkpoint
 from resnext.data import UnpaddedDistributedSampler, build_dataset, eval_transform
 from resnext.distributed import cleanup_distributed, init_distributed
-from resnext.inference import autocast
+from resnext.inference import autocast, compile_available, fuse_bn, resolve_amp
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -48,8 +48,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize-size", type=int, default=None,
                    help="short side before cropping; default img-size/0.875 (256 for 224)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; default cuda if present")
-    p.add_argument("--amp", choices=["bf16", "fp16"], default=None,
-                   help="autocast dtype (opt-in; default fp32, the reference numbers)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16"], default=None,
+                   help="autocast dtype (opt-in; default fp32, the reference numbers); auto: "
+                        "bf16 where the device runs it natively, else fp32")
+    p.add_argument("--fuse-bn", action="store_true",
+                   help="fold BatchNorm into the convs (same numbers to float rounding, faster)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (pays off on large sets; needs a C++ compiler)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory format (same results to float tolerance)")
     p.add_argument("--json", default=None, metavar="PATH",
@@ -135,18 +140,29 @@ def main(args: argparse.Namespace) -> dict:
     info = init_distributed(args.device)
     try:
         pretrained = read_checkpoint(args.checkpoint) if args.checkpoint else True
-        img_size = args.img_size or (pretrained is not True and pretrained.meta.get("img_size")) or 224
+        stored_size = pretrained.meta.get("img_size") if pretrained is not True else None
+        img_size = args.img_size or stored_size or 224
         model = get_model(args.model, pretrained=pretrained).to(info.device)
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        num_classes = model.fc.out_features if hasattr(model.fc, "out_features") else None
+        class_names, num_classes = model.class_names, model.num_classes or None
+        arch_name = model.arch_name
         dataset = build_dataset(args.data, args.ann_file,
                                 eval_transform(img_size, args.resize_size),
-                                model.class_names, num_classes)
+                                class_names, num_classes)
+        amp = resolve_amp(args.amp, info.device)
+        if args.fuse_bn:
+            model = fuse_bn(model)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if args.compile:
+            ok, why = compile_available(info.device)
+            if ok:
+                model = torch.compile(model)
+            elif info.is_main:
+                print(f"--compile ignored: {why}; running eager")
         loader = build_loader(dataset, args.batch_size, args.workers, info.rank,
                               info.world_size, pin_memory=info.device.type == "cuda")
         start = time.perf_counter()
-        result = evaluate(model, loader, info.device, args.amp, args.channels_last,
+        result = evaluate(model, loader, info.device, amp, args.channels_last,
                           progress=info.is_main, return_predictions=bool(args.out))
         seconds = time.perf_counter() - start
         if info.is_main:
@@ -155,12 +171,12 @@ def main(args: argparse.Namespace) -> dict:
                   f"images/s on {info.world_size} x {info.device.type})")
             summary = {"top1": result["top1"], "top5": result["top5"],
                        "num_images": result["num_images"],
-                       "model": args.model or model.arch_name,
+                       "model": args.model or arch_name,
                        "checkpoint": args.checkpoint or "released"}
             if args.json:
                 Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
             if args.out:
-                names = model.class_names
+                names = class_names
                 for p in result["predictions"]:
                     p["path"] = dataset.samples[p["index"]][0]
                     if names:

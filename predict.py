@@ -18,7 +18,7 @@ import torch
 
 from resnext.checkpoint import get_model, read_checkpoint
 from resnext.data import IMAGE_EXTENSIONS, ImageReadError, eval_transform, find_images, load_image
-from resnext.inference import classify
+from resnext.inference import classify, fuse_bn, resolve_amp
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="centre-crop size (pixels); "
                    "default: the size train.py stored in the checkpoint, else 224")
     p.add_argument("--device", default=None, help="cpu, cuda, ...; default cuda if present")
-    p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast (opt-in)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16"], default=None,
+                   help="autocast dtype (opt-in; default fp32); auto: bf16 where native")
+    p.add_argument("--fuse-bn", action="store_true",
+                   help="fold BatchNorm into the convs (same numbers to float rounding, faster)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     return p
@@ -57,11 +60,15 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("--topk must be at least 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pretrained = read_checkpoint(args.checkpoint) if args.checkpoint else True
-    img_size = args.img_size or (pretrained is not True and pretrained.meta.get("img_size")) or 224
+    stored_size = pretrained.meta.get("img_size") if pretrained is not True else None
+    img_size = args.img_size or stored_size or 224
     model = get_model(args.model, pretrained=pretrained).to(device)
+    names = model.class_names
+    amp = resolve_amp(args.amp, device)
+    if args.fuse_bn:
+        model = fuse_bn(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    names = model.class_names
     transform = eval_transform(img_size)
     paths = collect_paths(args.inputs)
     if not paths:
@@ -82,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
                     print(json.dumps({"path": str(path), "error": str(e)}), flush=True)
         if not tensors:
             continue
-        scores = classify(model, torch.stack(tensors).to(device), args.amp, args.channels_last)
+        scores = classify(model, torch.stack(tensors).to(device), amp, args.channels_last)
         top_scores, top_labels = scores.topk(min(args.topk, scores.shape[1]), dim=1)
         for path, ts, tl in zip(good, top_scores.tolist(), top_labels.tolist()):
             topk = [{"label": label, "class": names[label] if names else str(label),

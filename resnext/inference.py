@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -12,7 +14,65 @@ from torch import nn
 from .checkpoint import get_model
 from .data import eval_transform, load_image
 
-__all__ = ["inference_model", "classify", "autocast"]
+__all__ = ["inference_model", "classify", "autocast", "resolve_amp", "fuse_bn",
+           "compile_available"]
+
+
+def _cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX on this x86 CPU (Linux /proc/cpuinfo); else bf16 is emulated."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_amp(amp: str | None, device: torch.device) -> str | None:
+    """'auto' -> 'bf16' where the device runs bf16 natively (CUDA with bf16 support, or a
+    CPU with AVX512-BF16/AMX), else None (fp32), so no device gets slower; other values pass
+    through unchanged."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and _cpu_has_fast_bf16() else None
+
+
+def fuse_bn(model: nn.Module) -> nn.Module:
+    """A copy of `model` for inference with every BatchNorm folded into the conv before it.
+
+    conv -> BN in eval mode is one affine map, so the folded conv (with a bias) gives the
+    same outputs to float rounding while skipping a full pass over every activation map.
+    Only for eval: the copy has no BN to train. The original model is left untouched.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fused = copy.deepcopy(model).eval()
+    pairs = [(fused, "conv1", "bn1")]
+    for block in fused.modules():
+        if hasattr(block, "conv3") and hasattr(block, "bn3"):  # Bottleneck
+            pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+            if block.downsample is not None:
+                pairs.append((block.downsample, "0", "1"))
+    for parent, conv_name, bn_name in pairs:
+        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+        setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
+        setattr(parent, bn_name, nn.Identity())
+    return fused
+
+
+def compile_available(device: torch.device) -> tuple[bool, str]:
+    """Whether torch.compile can run here: Inductor needs a C++ compiler (and Triton on
+    CUDA). Returns (ok, reason when not)."""
+    if not shutil.which(os.environ.get("CXX", "c++")) and not shutil.which("g++"):
+        return False, "no C++ compiler found"
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False, "Triton is not installed"
+    return True, ""
 
 
 def autocast(device: torch.device, amp: str | None):
