@@ -133,7 +133,10 @@ def _torch_load(path: Path) -> Any:
     """
     try:
         with torch.serialization.safe_globals(_STAND_INS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # Zip-format files are memory-mapped: tensors are read lazily from the page cache
+            # instead of copied up front (torch's legacy format cannot be mapped).
+            return torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         # torch's message wraps the unpickler's reason in advice to use weights_only=False,
         # which is exactly what must not be done with an untrusted file: keep the reason only.
@@ -368,8 +371,13 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Checkpoint,
             if keys:
                 parts.append(f"  {label} ({len(keys)}): {', '.join(keys)}")
         raise ValueError("\n".join(parts))
-    result = model.load_state_dict(sd, strict=False)
+    on_meta = any(t.is_meta for t in own.values())
+    # A model built on the meta device (factories with pretrained=) takes the file's tensors
+    # as they are (assign), so the weights are never held twice.
+    result = model.load_state_dict(sd, strict=False, assign=on_meta)
     assert all(k in skipped or k.endswith("num_batches_tracked") for k in result.missing_keys)
+    if on_meta:
+        _materialize_rest(model)
     classes = None if reset_head else ckpt.classes
     num_classes = _fc_out(model.state_dict())
     if classes is not None and num_classes is not None and len(classes) != num_classes:
@@ -378,6 +386,24 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Checkpoint,
         classes = imagenet_class_names()
     model.class_names = classes
     return LoadReport(ckpt.format, ckpt.path, len(sd), skipped, classes)
+
+
+def _materialize_rest(model: nn.Module) -> None:
+    """After an assigning load into a meta-device model: give the tensors the file did not
+    provide real storage. Missing num_batches_tracked counters become 0; a reset classifier
+    gets mmpretrain's head init (Normal(0, 0.01) weight, zero bias)."""
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta:
+                module._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype)
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta:
+                if not isinstance(module, nn.Linear):
+                    raise ValueError(f"parameter {name} of {type(module).__name__} was not "
+                                     f"loaded and has no initialisation rule")
+                value = torch.empty(param.shape, dtype=param.dtype)
+                nn.init.normal_(value, std=0.01) if name == "weight" else nn.init.zeros_(value)
+                module._parameters[name] = nn.Parameter(value, requires_grad=param.requires_grad)
 
 
 def load_pretrained(model: nn.Module, name: str, pretrained: bool | str | os.PathLike,

@@ -56,12 +56,16 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             truncated.
     """
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now, so truncation errors surface here with the path
-            im = ImageOps.exif_transpose(im)
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")  # PIL's advice for palette images with transparency
-            return im.convert("RGB")
+        im = Image.open(path)
+        try:
+            im.load()  # decode now, so truncation errors surface here; frees the file handle
+        except BaseException:
+            im.close()
+            raise
+        ImageOps.exif_transpose(im, in_place=True)
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")  # PIL's advice for palette images with transparency
+        return im if im.mode == "RGB" else im.convert("RGB")
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...

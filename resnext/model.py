@@ -262,13 +262,17 @@ def _build(name: str, depth: int, groups: int, width_per_group: int, kwargs: dic
         kwargs.pop(key, None)
     pretrained = kwargs.pop("pretrained", False)
     reset_head = kwargs.pop("reset_head", False)
-    model = ResNeXt(**fixed, **kwargs)
-    if pretrained:
-        # Checkpoint I/O lives in resnext.checkpoint; imported lazily to keep this file torch-only.
-        from .checkpoint import load_pretrained
-        load_pretrained(model, name, pretrained, reset_head=reset_head)
-    elif reset_head:
-        raise ValueError("reset_head=True only makes sense with pretrained=")
+    if not pretrained:
+        if reset_head:
+            raise ValueError("reset_head=True only makes sense with pretrained=")
+        return ResNeXt(**fixed, **kwargs)
+    # Weights will come from a file: build on the meta device (no memory, no random init) and
+    # let the loader assign the file's tensors. Checkpoint I/O lives in resnext.checkpoint,
+    # imported lazily to keep this file torch-only.
+    from .checkpoint import load_pretrained
+    with torch.device("meta"):
+        model = ResNeXt(**fixed, **kwargs)
+    load_pretrained(model, name, pretrained, reset_head=reset_head)
     return model
 
 

@@ -263,6 +263,14 @@ def test_missing_num_batches_tracked_is_tolerated(reference, tmp_path):
     torch.save(sd, tmp_path / "old.pth")
     logits, _, _ = logits_after_loading(tmp_path / "old.pth", x)
     assert torch.equal(logits, expected)
+    # The factory path builds on the meta device and assigns the file's tensors: the missing
+    # counters get real zeros, and frozen stages stay frozen.
+    built = resnext.resnext50_32x4d(pretrained=str(tmp_path / "old.pth"), frozen_stages=1)
+    assert not any(t.is_meta for t in built.state_dict().values())
+    assert built.layer1[0].bn1.num_batches_tracked.item() == 0
+    assert not built.layer1[0].conv1.weight.requires_grad and built.layer2[0].conv1.weight.requires_grad
+    with torch.no_grad():
+        assert torch.equal(built.eval()(x), expected)
     del sd["layer1.0.bn1.running_var"]
     torch.save(sd, tmp_path / "broken.pth")
     with pytest.raises(ValueError, match=r"missing \(1\): layer1\.0\.bn1\.running_var"):
@@ -275,13 +283,14 @@ def test_head_mismatch_with_and_without_reset(reference, tmp_path):
                tmp_path / "in1k.pth")
     with pytest.raises(ValueError, match="1000 classes, the model 2; pass reset_head=True"):
         resnext.resnext50_32x4d(num_classes=2, pretrained=str(tmp_path / "in1k.pth"))
-    torch.manual_seed(0)
     tuned = resnext.resnext50_32x4d(num_classes=2, pretrained=str(tmp_path / "in1k.pth"),
                                     reset_head=True)
-    torch.manual_seed(0)
-    fresh = resnext.resnext50_32x4d(num_classes=2)
-    assert torch.equal(tuned.fc.weight, fresh.fc.weight)  # head keeps its new init
+    # The new head has mmpretrain's init (Normal(0, 0.01), zero bias); the rest is the file's.
+    assert tuned.fc.weight.shape == (2, 2048) and not tuned.fc.weight.is_meta
+    assert abs(tuned.fc.weight.std().item() - 0.01) < 0.001 and (tuned.fc.bias == 0).all()
+    assert tuned.fc.weight.requires_grad
     assert torch.equal(tuned.layer4[2].conv3.weight, model.layer4[2].conv3.weight)
+    assert not any(t.is_meta for t in tuned.state_dict().values())
     assert tuned.class_names is None
     report = load_weights(resnext.resnext50_32x4d(num_classes=2), tmp_path / "in1k.pth",
                           reset_head=True)

@@ -1,0 +1,390 @@
+"""Speed and memory of resnext against the obvious alternative, measured in the same run.
+
+    python benchmarks/bench.py                       # CPU, all sections, about 10 minutes on 2 cores
+    python benchmarks/bench.py --device cuda --compile --json bench_cuda.json
+    python benchmarks/bench.py --sections pipeline coldstart --quick
+
+Every number is a median over --repeats timed runs after --warmup untimed ones, and every
+"ratio" divides our images/second (or seconds, or bytes) by the reference's from this same
+process, on this machine, right before or after. References:
+  inference / train step: torchvision.models.resnext50_32x4d in a plain fp32 NCHW loop
+  input pipeline:         torchvision ImageFolder + PIL + RandomResizedCrop/flip/ToTensor/Normalize
+  cold start / memory:    the same job written with torchvision and torch.load
+Our fast paths are the scripts' opt-in options: predict.py/evaluate.py --amp auto --fuse-bn
+(channels_last is their default), train.py --amp auto --channels-last (--compile) and
+--fast-decode. This is a benchmark, not a test: nothing here fails on a slow machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torchvision import datasets, transforms as T
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import resnext  # noqa: E402
+from resnext.data import (ClassFolderDataset, FastTrainTransform, eval_transform,  # noqa: E402
+                          find_images, load_image)
+from resnext.inference import autocast, compile_available, fuse_bn, resolve_amp  # noqa: E402
+
+NORMALIZE = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def default_data() -> Path:
+    for c in (os.environ.get("RESNEXT_SHARED_DATA"), REPO.parent / "shared" / "data"):
+        if c and Path(c, "hymenoptera_data").is_dir():
+            return Path(c)
+    return REPO.parent / "shared" / "data"
+
+
+def get_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data", type=Path, default=default_data(),
+                   help="shared/data folder (hymenoptera_data, demo, imagenet_samples)")
+    p.add_argument("--sections", nargs="+",
+                   default=["inference", "train", "pipeline", "coldstart"],
+                   choices=["inference", "train", "pipeline", "coldstart"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--train-batch", type=int, default=None, help="default 16 CPU / 256 GPU")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="add torch.compile to our fast paths")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights for the top-1 agreement check (default: random weights "
+                        "with randomised BN statistics, which give decisive logits)")
+    p.add_argument("--quick", action="store_true", help="1 warm-up, 3 repeats, fewer sizes")
+    p.add_argument("--json", default="bench.json", help="where to write the results")
+    args = p.parse_args()
+    if args.quick:
+        args.warmup, args.repeats = 1, 3
+    return args
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def header(device: torch.device) -> dict:
+    cpu, flags = platform.processor(), []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        cpu = next(l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name"))
+        all_flags = next(l for l in text.splitlines() if l.startswith("flags")).split()
+        flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+                 if f in all_flags]
+    except (OSError, StopIteration):
+        pass
+    info = {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "cpu": cpu, "cpu_flags": flags,
+            "cpu_threads": torch.get_num_threads(), "device": str(device),
+            "amp_auto": resolve_amp("auto", device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def row(name: str, images_per_s: float, reference: float, extra: str = "") -> dict:
+    ratio = images_per_s / reference
+    print(f"  {name:<44} {images_per_s:10.1f} img/s  {ratio:6.2f}x  {extra}", flush=True)
+    return {"name": name, "images_per_s": images_per_s, "ratio": ratio}
+
+
+# --- 1. inference ---------------------------------------------------------------------------
+
+def fast_inference_model(model, device, use_compile):
+    fast = fuse_bn(model).to(memory_format=torch.channels_last)
+    if use_compile and compile_available(device)[0]:
+        fast = torch.compile(fast)
+    return fast
+
+
+def bench_inference(args, device) -> dict:
+    print("Inference, resnext50_32x4d, 224x224, images/s (ratio vs torchvision fp32 NCHW)")
+    torch.manual_seed(0)
+    reference = torchvision.models.resnext50_32x4d().eval().to(device)
+    ours = resnext.resnext50_32x4d().eval().to(device)
+    amp = resolve_amp("auto", device)
+    fast = fast_inference_model(ours, device, args.compile)
+    variants = [("torchvision fp32 NCHW (reference)", reference, None, False),
+                ("resnext fp32 NCHW (same settings)", ours, None, False),
+                (f"resnext fast: {amp or 'fp32'} + fuse-bn + channels_last"
+                 f"{' + compile' if args.compile else ''}", fast, amp, True)]
+    if device.type == "cuda":
+        variants.insert(1, ("torchvision AMP fp16 NCHW", reference, "fp16", False))
+    results = []
+    for batch in args.batch_sizes:
+        print(f" batch {batch}")
+        x = torch.rand(batch, 3, 224, 224, device=device)
+        base = None
+        for name, model, variant_amp, channels_last in variants:
+            xx = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+            def step():
+                with torch.inference_mode(), autocast(device, variant_amp):
+                    model(xx)
+
+            ips = batch / median_time(step, device, args.warmup, args.repeats)
+            base = base or ips
+            results.append({"batch": batch, **row(name, ips, base)})
+    agreement = top1_agreement(args, device, ours, fast, amp)
+    return {"results": results, "agreement": agreement}
+
+
+def top1_agreement(args, device, ours, fast, amp) -> dict:
+    """Fast path vs our fp32 path on real photos: top-1 agreement and max probability gap."""
+    if args.checkpoint:
+        ours = resnext.get_model(pretrained=args.checkpoint).to(device)
+        fast = fast_inference_model(ours, device, args.compile)
+        source = args.checkpoint
+    else:
+        sys.path.insert(0, str(REPO / "tests"))
+        from conftest import randomize_
+        randomize_(ours, seed=0)
+        fast = fast_inference_model(ours, device, args.compile)
+        source = "random weights, randomised BN statistics"
+    paths = (find_images(args.data / "hymenoptera_data" / "val")
+             + find_images(args.data / "demo") + find_images(args.data / "imagenet_samples"))
+    tf = eval_transform()
+    same, max_gap = 0, 0.0
+    for i in range(0, len(paths), 16):
+        x = torch.stack([tf(load_image(p)) for p in paths[i:i + 16]]).to(device)
+        with torch.inference_mode():
+            p32 = ours(x).float().softmax(1)
+            with autocast(device, amp):
+                pfast = fast(x.contiguous(memory_format=torch.channels_last)).float().softmax(1)
+        same += (p32.argmax(1) == pfast.argmax(1)).sum().item()
+        max_gap = max(max_gap, (p32 - pfast).abs().max().item())
+    result = {"images": len(paths), "top1_agreement_pct": 100 * same / len(paths),
+              "max_prob_diff": max_gap, "weights": source}
+    print(f" top-1 agreement fast vs fp32: {result['top1_agreement_pct']:.2f}% of {len(paths)} "
+          f"real photos, max |probability difference| {max_gap:.4f} ({source})")
+    return result
+
+
+# --- 2. training step ---------------------------------------------------------------------------
+
+def bench_train(args, device) -> list:
+    batch = args.train_batch or (256 if device.type == "cuda" else 16)
+    print(f"Training step (forward, backward, SGD), resnext50_32x4d, batch {batch}, 224x224")
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    amp = resolve_amp("auto", device)
+    variants = [("torchvision fp32 NCHW (reference)", torchvision.models.resnext50_32x4d(),
+                 None, False, False),
+                (f"train.py --amp auto ({amp or 'fp32'}) --channels-last",
+                 resnext.resnext50_32x4d(), amp, True, False)]
+    if device.type == "cuda":
+        variants.insert(1, ("torchvision AMP fp16 NCHW", torchvision.models.resnext50_32x4d(),
+                            "fp16", False, False))
+    if args.compile and compile_available(device)[0]:
+        variants.append((f"train.py --amp auto --channels-last --compile",
+                         resnext.resnext50_32x4d(), amp, True, True))
+    results, base = [], None
+    for name, model, variant_amp, channels_last, use_compile in variants:
+        model = model.to(device).train()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        xx = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        scaler = torch.amp.GradScaler(device.type, enabled=variant_amp == "fp16")
+        run = torch.compile(model) if use_compile else model
+
+        def step():
+            with autocast(device, variant_amp):
+                loss = torch.nn.functional.cross_entropy(run(xx).float(), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+        ips = batch / median_time(step, device, args.warmup + (2 if use_compile else 0),
+                                  args.repeats)
+        base = base or ips
+        results.append(row(name, ips, base))
+    return results
+
+
+# --- 3. input pipeline --------------------------------------------------------------------------
+
+def bench_pipeline(args) -> dict:
+    """Images/s of one process with one thread: what a DataLoader worker does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = args.data / "hymenoptera_data"
+    reference_train = datasets.ImageFolder(str(root / "train"), T.Compose([
+        T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), NORMALIZE]))
+    ours_train = ClassFolderDataset(root / "train", FastTrainTransform(224), loader=str)
+    reference_val = datasets.ImageFolder(str(root / "val"), T.Compose([
+        T.Resize(256), T.CenterCrop(224), T.ToTensor(), NORMALIZE]))
+    ours_val = ClassFolderDataset(root / "val", eval_transform(224))
+
+    def images_per_s(dataset):
+        def epoch():
+            torch.manual_seed(0)
+            for i in range(len(dataset)):
+                dataset[i]
+        return len(dataset) / median_time(epoch, torch.device("cpu"), 1, max(3, args.repeats // 2))
+
+    print("Input pipeline, one worker (1 thread), hymenoptera JPEGs (up to 2592 px)")
+    out = {}
+    for label, reference, ours, name in (
+            ("train", reference_train, ours_train, "resnext FastTrainTransform (--fast-decode)"),
+            ("eval", reference_val, ours_val, "resnext eval_transform (pixel-identical)")):
+        print(f" {label}: {len(ours)} images")
+        base = images_per_s(reference)
+        out[label] = [row("torchvision ImageFolder + transforms (reference)", base, base),
+                      row(name, images_per_s(ours), base)]
+    torch.set_num_threads(threads)
+    return out
+
+
+# --- 4. cold start and peak memory ------------------------------------------------------------
+
+def run_measured(cmd: list[str]) -> tuple[float, float, str]:
+    """(seconds from process start to exit, peak RSS in MiB, stdout) of a child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = proc.stdout.read().decode()
+    err = proc.stderr.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024, out
+
+
+TORCHVISION_PREDICT = """
+import sys, torch, torchvision
+from PIL import Image
+from torchvision import transforms as T
+ckpt = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+model = torchvision.models.resnext50_32x4d(num_classes=ckpt["state_dict"]["fc.weight"].shape[0])
+model.load_state_dict(ckpt["state_dict"])
+model.eval()
+tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+                T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+x = tf(Image.open(sys.argv[2]).convert("RGB")).unsqueeze(0)
+with torch.inference_mode():
+    p = model(x).softmax(1)[0]
+for s, i in zip(*p.topk(5)):
+    print(f"{s.item():.4f} {ckpt['meta']['classes'][i]}")
+"""
+
+TORCHVISION_CONVERT = """
+import sys, torch, torchvision
+raw = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+sd = {k.replace("backbone.", "").replace("head.fc.", "fc."): v for k, v in raw["state_dict"].items()}
+model = torchvision.models.resnext101_32x8d()
+model.load_state_dict(sd)
+"""
+
+OURS_CONVERT = """
+import sys
+from resnext import get_model
+get_model("resnext101_32x8d", pretrained=sys.argv[1])
+"""
+
+
+def bench_coldstart(args) -> dict:
+    print("Cold start (process start to answer) and peak memory (RSS)")
+    bird = str(args.data / "demo" / "bird.JPEG")
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "rx50.pth"
+        model = resnext.resnext50_32x4d()
+        torch.save({"state_dict": model.state_dict(),
+                    "meta": {"model": "resnext50_32x4d", "classes": resnext.imagenet_class_names()}},
+                   ckpt)
+        cmds = {"torchvision + torch.load script (reference)":
+                [sys.executable, "-c", TORCHVISION_PREDICT, str(ckpt), bird],
+                "python predict.py IMAGE --checkpoint FILE":
+                [sys.executable, str(REPO / "predict.py"), bird, "--checkpoint", str(ckpt)]}
+        runs = {name: [run_measured(cmd) for _ in range(max(3, args.repeats // 2))]
+                for name, cmd in cmds.items()}
+        base_s = statistics.median(r[0] for r in next(iter(runs.values())))
+        base_mb = max(r[1] for r in next(iter(runs.values())))
+        out["predict"] = []
+        for name, rs in runs.items():
+            seconds, mb = statistics.median(r[0] for r in rs), max(r[1] for r in rs)
+            print(f"  {name:<44} {seconds:6.2f} s ({seconds / base_s:4.2f}x time)  peak RSS "
+                  f"{mb:7.0f} MiB ({mb / base_mb:4.2f}x)")
+            out["predict"].append({"name": name, "seconds": seconds, "peak_rss_mib": mb,
+                                   "time_ratio": seconds / base_s, "rss_ratio": mb / base_mb})
+
+        # Converting a released-style mmcls file of resnext101_32x8d (legacy serialization).
+        release = Path(tmp) / "resnext101_32x8d_mmcls.pth"
+        big = resnext.resnext101_32x8d().state_dict()
+        torch.save({"meta": {"CLASSES": resnext.imagenet_class_names()},
+                    "state_dict": {(f"head.{k}" if k.startswith("fc.") else f"backbone.{k}"): v
+                                   for k, v in big.items()}},
+                   release, _use_new_zipfile_serialization=False)
+        del big, model
+        size_mb = release.stat().st_size / 2**20
+        out["convert_101_32x8d"] = []
+        base = None
+        for name, script in (("torchvision + torch.load + rename (reference)", TORCHVISION_CONVERT),
+                             ("resnext get_model(pretrained=FILE)", OURS_CONVERT)):
+            seconds, mb, _ = run_measured([sys.executable, "-c", script, str(release)])
+            base = base or (seconds, mb)
+            print(f"  {name:<44} {seconds:6.2f} s ({seconds / base[0]:4.2f}x time)  peak RSS "
+                  f"{mb:7.0f} MiB ({mb / base[1]:4.2f}x)  [file {size_mb:.0f} MiB]")
+            out["convert_101_32x8d"].append({"name": name, "seconds": seconds,
+                                             "peak_rss_mib": mb, "file_mib": size_mb,
+                                             "time_ratio": seconds / base[0],
+                                             "rss_ratio": mb / base[1]})
+    return out
+
+
+def main() -> None:
+    args = get_args()
+    device = torch.device(args.device)
+    if args.quick:
+        args.batch_sizes = args.batch_sizes[:2]
+    info = header(device)
+    print(json.dumps(info))
+    results = {"header": info, "args": {k: str(v) for k, v in vars(args).items()}}
+    if "inference" in args.sections:
+        results["inference"] = bench_inference(args, device)
+    if "train" in args.sections:
+        results["train"] = bench_train(args, device)
+    if "pipeline" in args.sections:
+        results["pipeline"] = bench_pipeline(args)
+    if "coldstart" in args.sections:
+        results["coldstart"] = bench_coldstart(args)
+    Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
