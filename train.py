@@ -267,7 +267,7 @@ def main(args: argparse.Namespace) -> dict:
                 print(f"resumed from {resume}: next epoch {start_epoch + 1}, best top-1 "
                       f"{best_top1:.2f}")
         log({"type": "header", "args": {k: plain(v) for k, v in vars(args).items()},
-             "world_size": world_size, "total_batch": total_batch, "lr": lr,
+             "world_size": world_size, "total_batch": total_batch, "lr": lr, "amp": amp,
              "start_epoch": start_epoch, "torch": str(torch.__version__), "device": str(device),
              "num_train": len(train_ds), "num_val": len(val_ds), "classes": len(classes)})
         if is_main:

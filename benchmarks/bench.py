@@ -132,13 +132,15 @@ def bench_inference(args, device) -> dict:
     reference = torchvision.models.resnext50_32x4d().eval().to(device)
     ours = resnext.resnext50_32x4d().eval().to(device)
     amp = resolve_amp("auto", device)
-    fast = fast_inference_model(ours, device, args.compile)
+    fast = fast_inference_model(ours, device, False)
     variants = [("torchvision fp32 NCHW (reference)", reference, None, False),
                 ("resnext fp32 NCHW (same settings)", ours, None, False),
-                (f"resnext fast: {amp or 'fp32'} + fuse-bn + channels_last"
-                 f"{' + compile' if args.compile else ''}", fast, amp, True)]
+                (f"resnext fast: {amp or 'fp32'} + fuse-bn + channels_last", fast, amp, True)]
     if device.type == "cuda":
         variants.insert(1, ("torchvision AMP fp16 NCHW", reference, "fp16", False))
+    if args.compile and compile_available(device)[0]:
+        variants.append((f"resnext fast + torch.compile (evaluate.py --compile)",
+                         fast_inference_model(ours, device, True), amp, True))
     results = []
     for batch in args.batch_sizes:
         print(f" batch {batch}")
@@ -151,25 +153,25 @@ def bench_inference(args, device) -> dict:
                 with torch.inference_mode(), autocast(device, variant_amp):
                     model(xx)
 
-            ips = batch / median_time(step, device, args.warmup, args.repeats)
+            compiled = "compile" in name  # first calls compile: more warm-up
+            ips = batch / median_time(step, device, args.warmup + 2 * compiled, args.repeats)
             base = base or ips
             results.append({"batch": batch, **row(name, ips, base)})
-    agreement = top1_agreement(args, device, ours, fast, amp)
+    agreement = top1_agreement(args, device, ours, amp)
     return {"results": results, "agreement": agreement}
 
 
-def top1_agreement(args, device, ours, fast, amp) -> dict:
+def top1_agreement(args, device, ours, amp) -> dict:
     """Fast path vs our fp32 path on real photos: top-1 agreement and max probability gap."""
     if args.checkpoint:
         ours = resnext.get_model(pretrained=args.checkpoint).to(device)
-        fast = fast_inference_model(ours, device, args.compile)
         source = args.checkpoint
     else:
         sys.path.insert(0, str(REPO / "tests"))
         from conftest import randomize_
         randomize_(ours, seed=0)
-        fast = fast_inference_model(ours, device, args.compile)
         source = "random weights, randomised BN statistics"
+    fast = fast_inference_model(ours, device, False)
     paths = (find_images(args.data / "hymenoptera_data" / "val")
              + find_images(args.data / "demo") + find_images(args.data / "imagenet_samples"))
     tf = eval_transform()
@@ -269,19 +271,35 @@ def bench_pipeline(args) -> dict:
 
 # --- 4. cold start and peak memory ------------------------------------------------------------
 
-def run_measured(cmd: list[str]) -> tuple[float, float, str]:
-    """(seconds from process start to exit, peak RSS in MiB, stdout) of a child process."""
+# Runs a script file or a code string as __main__ and reports the process's own peak RSS
+# (VmHWM). rusage's ru_maxrss would include the benchmark process itself, which the child
+# resembles between fork and exec.
+_PEAK_WRAPPER = """
+import runpy, sys
+kind, target = sys.argv[1], sys.argv[2]
+sys.argv = [target] + sys.argv[3:]
+try:
+    if kind == "file":
+        runpy.run_path(target, run_name="__main__")
+    else:
+        exec(compile(target, "<bench>", "exec"), {"__name__": "__main__"})
+finally:
+    hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
+    print("PEAK_RSS_KB", hwm.split()[1], file=sys.stderr)
+"""
+
+
+def run_measured(kind: str, target: str, *args: str) -> tuple[float, float, str]:
+    """(seconds from process start to exit, peak RSS in MiB, stdout) of a fresh Python
+    process running `target` (kind 'file': a script path; 'code': source text)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    out = proc.stdout.read().decode()
-    err = proc.stderr.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
+    res = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, kind, target, *args], cwd=REPO,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024, out
+    peak = [l for l in res.stderr.splitlines() if l.startswith("PEAK_RSS_KB")]
+    if res.returncode != 0 or not peak:
+        raise RuntimeError(f"{target[:60]!r} failed:\n{res.stderr[-2000:]}")
+    return seconds, int(peak[-1].split()[1]) / 1024, res.stdout
 
 
 TORCHVISION_PREDICT = """
@@ -327,10 +345,10 @@ def bench_coldstart(args) -> dict:
                     "meta": {"model": "resnext50_32x4d", "classes": resnext.imagenet_class_names()}},
                    ckpt)
         cmds = {"torchvision + torch.load script (reference)":
-                [sys.executable, "-c", TORCHVISION_PREDICT, str(ckpt), bird],
+                ("code", TORCHVISION_PREDICT, str(ckpt), bird),
                 "python predict.py IMAGE --checkpoint FILE":
-                [sys.executable, str(REPO / "predict.py"), bird, "--checkpoint", str(ckpt)]}
-        runs = {name: [run_measured(cmd) for _ in range(max(3, args.repeats // 2))]
+                ("file", str(REPO / "predict.py"), bird, "--checkpoint", str(ckpt))}
+        runs = {name: [run_measured(*cmd) for _ in range(max(3, args.repeats // 2))]
                 for name, cmd in cmds.items()}
         base_s = statistics.median(r[0] for r in next(iter(runs.values())))
         base_mb = max(r[1] for r in next(iter(runs.values())))
@@ -355,7 +373,7 @@ def bench_coldstart(args) -> dict:
         base = None
         for name, script in (("torchvision + torch.load + rename (reference)", TORCHVISION_CONVERT),
                              ("resnext get_model(pretrained=FILE)", OURS_CONVERT)):
-            seconds, mb, _ = run_measured([sys.executable, "-c", script, str(release)])
+            seconds, mb, _ = run_measured("code", script, str(release))
             base = base or (seconds, mb)
             print(f"  {name:<44} {seconds:6.2f} s ({seconds / base[0]:4.2f}x time)  peak RSS "
                   f"{mb:7.0f} MiB ({mb / base[1]:4.2f}x)  [file {size_mb:.0f} MiB]")

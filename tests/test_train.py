@@ -257,3 +257,13 @@ def test_killed_worker_restarts_and_matches_uninterrupted(two_process_run, tmp_p
     assert [r["epoch"] for r in log if r["type"] == "epoch"] == [1, 2]
     assert "resumed from" in out
     assert_same_state(weights(work / "last.pth"), weights(reference / "last.pth"))
+
+
+def test_fast_options_train_and_validate(tmp_path):
+    work = tmp_path / "g"
+    res = run_ok([sys.executable, *train_cmd(work, "--epochs", "1", "--fast-decode", "--amp",
+                                             "auto", "--channels-last", workers=1)])
+    epoch = [r for r in read_log(work) if r["type"] == "epoch"]
+    assert len(epoch) == 1 and epoch[0]["val_images"] == 153 and epoch[0]["train_images"] == 240
+    assert all(map(lambda v: v == v, (epoch[0]["train_loss"], epoch[0]["val_loss"])))  # no NaN
+    assert "epoch 1/1:" in res.stdout
