@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node=8 train.py --data /data/imagenet --model resnext50_32x4d --work-dir work_dirs/rx50
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 train.py --data /data/imagenet ...
-    python train.py --data ../shared/data/hymenoptera_data --img-size 112 --epochs 5 --batch-size 16 --lr 0.01
+    python train.py --data ../shared/data/hymenoptera_data --img-size 112 --epochs 5 --auto-scale-lr
 
 Defaults are configs/_base_/schedules/imagenet_bs256.py: 32 images per process on 8 processes
 (a total batch of 256), SGD lr 0.1 momentum 0.9 weight decay 1e-4 on all parameters, lr x0.1
@@ -221,7 +221,8 @@ def main(args: argparse.Namespace) -> dict:
         if args.load_from:
             ckpt = read_checkpoint(args.load_from)
             head = ckpt.state_dict.get("fc.weight")
-            report = load_weights(model, ckpt, reset_head=head is None or head.shape[0] != len(classes))
+            other_head = head is None or head.shape[0] != len(classes)
+            report = load_weights(model, ckpt, reset_head=other_head)
             if is_main:
                 print(f"init: {report}")
         model.class_names = classes

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 import torchvision
-from PIL import Image
 from torchvision import datasets, transforms as T
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,11 +91,29 @@ def median_time(fn, device, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: list, device, warmup: int, repeats: int) -> list[float]:
+    """Median seconds of each fn, timed in rounds (A B C, A B C, ...) so that slow drifts of
+    the machine (heat, other load) hit every variant alike instead of the one timed last."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
 def header(device: torch.device) -> dict:
     cpu, flags = platform.processor(), []
     try:
         text = Path("/proc/cpuinfo").read_text()
-        cpu = next(l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in text.splitlines()
+                   if line.startswith("model name"))
         all_flags = next(l for l in text.splitlines() if l.startswith("flags")).split()
         flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
                  if f in all_flags]
@@ -139,24 +156,27 @@ def bench_inference(args, device) -> dict:
     if device.type == "cuda":
         variants.insert(1, ("torchvision AMP fp16 NCHW", reference, "fp16", False))
     if args.compile and compile_available(device)[0]:
-        variants.append((f"resnext fast + torch.compile (evaluate.py --compile)",
+        variants.append(("resnext fast + torch.compile (evaluate.py --compile)",
                          fast_inference_model(ours, device, True), amp, True))
     results = []
     for batch in args.batch_sizes:
         print(f" batch {batch}")
         x = torch.rand(batch, 3, 224, 224, device=device)
-        base = None
+        steps = []
         for name, model, variant_amp, channels_last in variants:
             xx = x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
-            def step():
+            def step(model=model, xx=xx, variant_amp=variant_amp):
                 with torch.inference_mode(), autocast(device, variant_amp):
                     model(xx)
 
-            compiled = "compile" in name  # first calls compile: more warm-up
-            ips = batch / median_time(step, device, args.warmup + 2 * compiled, args.repeats)
-            base = base or ips
-            results.append({"batch": batch, **row(name, ips, base)})
+            steps.append(step)
+        # Compiled variants compile on their first calls: two more warm-ups for everyone.
+        seconds = interleaved_medians(steps, device, args.warmup + 2 * args.compile,
+                                      args.repeats)
+        base = batch / seconds[0]
+        for (name, *_), s in zip(variants, seconds):
+            results.append({"batch": batch, **row(name, batch / s, base)})
     agreement = top1_agreement(args, device, ours, amp)
     return {"results": results, "agreement": agreement}
 
@@ -208,9 +228,9 @@ def bench_train(args, device) -> list:
         variants.insert(1, ("torchvision AMP fp16 NCHW", torchvision.models.resnext50_32x4d(),
                             "fp16", False, False))
     if args.compile and compile_available(device)[0]:
-        variants.append((f"train.py --amp auto --channels-last --compile",
+        variants.append(("train.py --amp auto --channels-last --compile",
                          resnext.resnext50_32x4d(), amp, True, True))
-    results, base = [], None
+    steps = []
     for name, model, variant_amp, channels_last, use_compile in variants:
         model = model.to(device).train()
         if channels_last:
@@ -220,7 +240,7 @@ def bench_train(args, device) -> list:
         scaler = torch.amp.GradScaler(device.type, enabled=variant_amp == "fp16")
         run = torch.compile(model) if use_compile else model
 
-        def step():
+        def step(run=run, xx=xx, variant_amp=variant_amp, optimizer=optimizer, scaler=scaler):
             with autocast(device, variant_amp):
                 loss = torch.nn.functional.cross_entropy(run(xx).float(), y)
             scaler.scale(loss).backward()
@@ -228,10 +248,9 @@ def bench_train(args, device) -> list:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
-        ips = batch / median_time(step, device, args.warmup + (2 if use_compile else 0),
-                                  args.repeats)
-        base = base or ips
-        results.append(row(name, ips, base))
+        steps.append(step)
+    seconds = interleaved_medians(steps, device, args.warmup + 2 * args.compile, args.repeats)
+    results = [row(name, batch / s, batch / seconds[0]) for (name, *_), s in zip(variants, seconds)]
     return results
 
 
@@ -294,7 +313,8 @@ def run_measured(kind: str, target: str, *args: str) -> tuple[float, float, str]
     process running `target` (kind 'file': a script path; 'code': source text)."""
     start = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, kind, target, *args], cwd=REPO,
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                         capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
     seconds = time.perf_counter() - start
     peak = [l for l in res.stderr.splitlines() if l.startswith("PEAK_RSS_KB")]
     if res.returncode != 0 or not peak:
@@ -322,7 +342,8 @@ for s, i in zip(*p.topk(5)):
 TORCHVISION_CONVERT = """
 import sys, torch, torchvision
 raw = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
-sd = {k.replace("backbone.", "").replace("head.fc.", "fc."): v for k, v in raw["state_dict"].items()}
+sd = {k.replace("backbone.", "").replace("head.fc.", "fc."): v
+      for k, v in raw["state_dict"].items()}
 model = torchvision.models.resnext101_32x8d()
 model.load_state_dict(sd)
 """
@@ -342,7 +363,8 @@ def bench_coldstart(args) -> dict:
         ckpt = Path(tmp) / "rx50.pth"
         model = resnext.resnext50_32x4d()
         torch.save({"state_dict": model.state_dict(),
-                    "meta": {"model": "resnext50_32x4d", "classes": resnext.imagenet_class_names()}},
+                    "meta": {"model": "resnext50_32x4d",
+                             "classes": resnext.imagenet_class_names()}},
                    ckpt)
         cmds = {"torchvision + torch.load script (reference)":
                 ("code", TORCHVISION_PREDICT, str(ckpt), bird),

@@ -188,7 +188,8 @@ def convert_state_dict(raw: Any, source: str = "checkpoint") -> tuple[dict[str, 
             no place in our layout (e.g. mmpretrain `neck.*` or another head's keys).
     """
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{source}: expected a dict holding a state dict, got {type(raw).__name__}")
+        raise ValueError(f"{source}: expected a dict holding a state dict, "
+                         f"got {type(raw).__name__}")
     meta = raw.get("meta") if isinstance(raw.get("meta"), Mapping) else {}
     if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
         sd, fmt = raw, "state dict (torchvision/timm layout)"
@@ -559,8 +560,7 @@ def export_openmmlab(model: nn.Module, path: str | os.PathLike,
     classes = list(classes if classes is not None else getattr(model, "class_names", None) or [])
     state_dict = {(f"head.{k}" if k.startswith("fc.") else f"backbone.{k}"): v.detach().cpu()
                   for k, v in model.state_dict().items()}
+    arch = {k: getattr(model, k, None) for k in ("depth", "groups", "width_per_group")}
     meta = {"CLASSES": classes, "dataset_meta": {"classes": classes},
-            "exported_by": "resnext", "arch": {"depth": getattr(model, "depth", None),
-                                               "groups": getattr(model, "groups", None),
-                                               "width_per_group": getattr(model, "width_per_group", None)}}
+            "exported_by": "resnext", "arch": arch}
     return save_checkpoint({"meta": meta, "state_dict": state_dict}, path)

@@ -349,7 +349,8 @@ def folder_class_mapping(root: str | os.PathLike, class_names: Sequence[str] | N
         return {f: i for i, f in enumerate(folders)}
     unknown = [f for f in folders if f not in class_names and f not in wnid_index]
     unknown = unknown or [f for f in folders if f not in class_names]
-    preview = ", ".join(map(repr, list(class_names)[:5])) + (", ..." if len(class_names) > 5 else "")
+    preview = ", ".join(map(repr, list(class_names)[:5]))
+    preview += ", ..." if len(class_names) > 5 else ""
     raise ValueError(f"{root}: class folders {unknown} match neither the model's "
                      f"{len(class_names)} class names ({preview}) nor ImageNet-1k wnids")
 

@@ -57,11 +57,11 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))    # (N, width, H, W)
         out = self.relu(self.bn2(self.conv2(out)))  # (N, width, H/s, W/s)
         out = self.bn3(self.conv3(out))             # (N, out_channels, H/s, W/s)
-        return self.relu(out + identity)
+        out += x if self.downsample is None else self.downsample(x)  # in place: no extra map
+        return self.relu(out)
 
 
 class ResNeXt(nn.Module):

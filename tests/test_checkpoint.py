@@ -3,7 +3,6 @@ import argparse
 import contextlib
 import hashlib
 import http.server
-import io
 import pickle
 import sys
 import threading
@@ -21,7 +20,6 @@ import resnext
 from resnext import checkpoint as ck
 from resnext.checkpoint import (RELEASED_WEIGHTS, export_openmmlab, get_model, load_weights,
                                 read_checkpoint)
-from resnext.data import imagenet_class_names
 from conftest import DATA, randomize_
 
 
@@ -248,7 +246,8 @@ def test_wrong_architecture_fails_listing_keys(tmp_path):
     assert "stem.0.conv.weight" in msg and "stem.0.bn.weight" in msg
     # A 32x8d into 32x4d: same keys, wrong shapes, listed.
     torch.save(resnext.resnext101_32x8d().state_dict(), tmp_path / "x8.pth")
-    with pytest.raises(ValueError, match=r"layer1\.0\.conv1\.weight \(256, 64, 1, 1\) vs model \(128, 64, 1, 1\)"):
+    shapes = r"layer1\.0\.conv1\.weight \(256, 64, 1, 1\) vs model \(128, 64, 1, 1\)"
+    with pytest.raises(ValueError, match=shapes):
         load_weights(resnext.resnext101_32x4d(), tmp_path / "x8.pth")
     # Keys of another head are placed nowhere: listed by the converter.
     torch.save({"state_dict": {**openmmlab_keys(sd), "neck.proj.weight": torch.zeros(1)}},
@@ -268,7 +267,8 @@ def test_missing_num_batches_tracked_is_tolerated(reference, tmp_path):
     built = resnext.resnext50_32x4d(pretrained=str(tmp_path / "old.pth"), frozen_stages=1)
     assert not any(t.is_meta for t in built.state_dict().values())
     assert built.layer1[0].bn1.num_batches_tracked.item() == 0
-    assert not built.layer1[0].conv1.weight.requires_grad and built.layer2[0].conv1.weight.requires_grad
+    assert not built.layer1[0].conv1.weight.requires_grad
+    assert built.layer2[0].conv1.weight.requires_grad
     with torch.no_grad():
         assert torch.equal(built.eval()(x), expected)
     del sd["layer1.0.bn1.running_var"]

@@ -251,7 +251,8 @@ def test_killed_worker_restarts_and_matches_uninterrupted(two_process_run, tmp_p
         time.sleep(0.01)
     out, err = proc.communicate(timeout=600)
     assert killed is not None, "the run ended before a worker could be killed"
-    assert proc.returncode == 0, "\n".join(l for l in err.replace("\r", "\n").splitlines() if "it/s" not in l)[-6000:]
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "it/s" not in line]
+    assert proc.returncode == 0, "\n".join(lines)[-6000:]
     log = read_log(work)
     assert [r["type"] for r in log].count("header") == 2  # the restart logged a new header
     assert [r["epoch"] for r in log if r["type"] == "epoch"] == [1, 2]
