@@ -84,6 +84,7 @@ def test_resolve_amp():
     assert resolve_amp("fp16", torch.device("cpu")) == "fp16"
 
 
+@pytest.mark.slow
 def test_predict_fast_options_agree_with_fp32(ants_bees_checkpoint):
     args = [VAL / "ants", "--checkpoint", ants_bees_checkpoint, "--json", "--img-size", "64"]
     exact = run_script("predict.py", *args)

@@ -13,7 +13,7 @@ from torchvision import datasets, transforms as T
 
 import resnext
 from resnext.data import ImageReadError, build_dataset, eval_transform, load_image
-from resnext.inference import inference_model
+from resnext import inference_model  # the public API, as the README shows
 from conftest import DATA, REPO
 
 NORM = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -107,6 +107,7 @@ def test_unreadable_files_name_themselves(tmp_path):
 
 # --- predict.py -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_predict_modes_and_broken_files(tmp_path, ants_bees_checkpoint):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -143,6 +144,7 @@ def test_predict_modes_and_broken_files(tmp_path, ants_bees_checkpoint):
     assert lines[1].split()[1] in ("ants", "bees")
 
 
+@pytest.mark.slow
 def test_default_weights_without_network_is_a_clear_error(tmp_path):
     closed = "http://127.0.0.1:9"  # nothing listens: every download fails at once
     env = {"HTTPS_PROXY": closed, "https_proxy": closed, "HTTP_PROXY": closed,
