@@ -24,10 +24,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from resnext.checkpoint import get_model, read_checkpoint
 from resnext.data import UnpaddedDistributedSampler, build_dataset, eval_transform
 from resnext.distributed import cleanup_distributed, init_distributed
-from resnext.inference import autocast, compile_available, fuse_bn, resolve_amp
+from resnext.inference import autocast, load_for_inference
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -139,30 +138,17 @@ def build_loader(dataset, batch_size: int, workers: int, rank: int, world_size: 
 def main(args: argparse.Namespace) -> dict:
     info = init_distributed(args.device)
     try:
-        pretrained = read_checkpoint(args.checkpoint) if args.checkpoint else True
-        stored_size = pretrained.meta.get("img_size") if pretrained is not True else None
-        img_size = args.img_size or stored_size or 224
-        model = get_model(args.model, pretrained=pretrained).to(info.device)
-        class_names, num_classes = model.class_names, model.num_classes or None
-        arch_name = model.arch_name
+        setup = load_for_inference(args.model, args.checkpoint, info.device,
+                                   img_size=args.img_size, amp=args.amp, fuse=args.fuse_bn,
+                                   channels_last=args.channels_last, compile=args.compile,
+                                   announce=info.is_main)
         dataset = build_dataset(args.data, args.ann_file,
-                                eval_transform(img_size, args.resize_size),
-                                class_names, num_classes)
-        amp = resolve_amp(args.amp, info.device)
-        if args.fuse_bn:
-            model = fuse_bn(model)
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if args.compile:
-            ok, why = compile_available(info.device)
-            if ok:
-                model = torch.compile(model)
-            elif info.is_main:
-                print(f"--compile ignored: {why}; running eager")
+                                eval_transform(setup.img_size, args.resize_size),
+                                setup.class_names, setup.num_classes)
         loader = build_loader(dataset, args.batch_size, args.workers, info.rank,
                               info.world_size, pin_memory=info.device.type == "cuda")
         start = time.perf_counter()
-        result = evaluate(model, loader, info.device, amp, args.channels_last,
+        result = evaluate(setup.model, loader, info.device, setup.amp, args.channels_last,
                           progress=info.is_main, return_predictions=bool(args.out))
         seconds = time.perf_counter() - start
         if info.is_main:
@@ -171,12 +157,12 @@ def main(args: argparse.Namespace) -> dict:
                   f"images/s on {info.world_size} x {info.device.type})")
             summary = {"top1": result["top1"], "top5": result["top5"],
                        "num_images": result["num_images"],
-                       "model": args.model or arch_name,
+                       "model": args.model or setup.arch_name,
                        "checkpoint": args.checkpoint or "released"}
             if args.json:
                 Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
             if args.out:
-                names = class_names
+                names = setup.class_names
                 for p in result["predictions"]:
                     p["path"] = dataset.samples[p["index"]][0]
                     if names:

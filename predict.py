@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-from resnext.checkpoint import get_model, read_checkpoint
 from resnext.data import IMAGE_EXTENSIONS, ImageReadError, eval_transform, find_images, load_image
-from resnext.inference import classify, fuse_bn, resolve_amp
+from resnext.inference import classify, load_for_inference
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -59,17 +58,11 @@ def main(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise ValueError("--topk must be at least 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pretrained = read_checkpoint(args.checkpoint) if args.checkpoint else True
-    stored_size = pretrained.meta.get("img_size") if pretrained is not True else None
-    img_size = args.img_size or stored_size or 224
-    model = get_model(args.model, pretrained=pretrained).to(device)
-    names = model.class_names
-    amp = resolve_amp(args.amp, device)
-    if args.fuse_bn:
-        model = fuse_bn(model)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    transform = eval_transform(img_size)
+    setup = load_for_inference(args.model, args.checkpoint, device, img_size=args.img_size,
+                               amp=args.amp, fuse=args.fuse_bn,
+                               channels_last=args.channels_last)
+    names = setup.class_names
+    transform = eval_transform(setup.img_size)
     paths = collect_paths(args.inputs)
     if not paths:
         print(f"predict.py: no images found in {args.inputs} (extensions: "
@@ -89,7 +82,8 @@ def main(args: argparse.Namespace) -> int:
                     print(json.dumps({"path": str(path), "error": str(e)}), flush=True)
         if not tensors:
             continue
-        scores = classify(model, torch.stack(tensors).to(device), amp, args.channels_last)
+        scores = classify(setup.model, torch.stack(tensors).to(device), setup.amp,
+                          args.channels_last)
         top_scores, top_labels = scores.topk(min(args.topk, scores.shape[1]), dim=1)
         for path, ts, tl in zip(good, top_scores.tolist(), top_labels.tolist()):
             topk = [{"label": label, "class": names[label] if names else str(label),

@@ -36,10 +36,10 @@ from tqdm import tqdm
 
 from evaluate import build_loader, evaluate
 from resnext.checkpoint import get_model, load_weights, read_checkpoint, save_checkpoint
-from resnext.data import (FastTrainTransform, build_dataset, eval_transform, load_image,
-                          train_transform)
+from resnext.data import (FastTrainTransform, build_dataset, eval_transform,
+                          imagenet_class_names, load_image, train_transform)
 from resnext.distributed import cleanup_distributed, init_distributed
-from resnext.inference import autocast, compile_available, resolve_amp
+from resnext.inference import autocast, maybe_compile, resolve_amp
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -158,7 +158,6 @@ def build_datasets(root: Path, img_size: int, fast_decode: bool = False):
         num_classes = max(train_ds.targets) + 1
         classes = [str(i) for i in range(num_classes)]
         if num_classes == 1000:
-            from resnext.data import imagenet_class_names
             classes = imagenet_class_names()
         val_ds = build_dataset(root / "val", ann_val, eval_transform(img_size))
     else:
@@ -237,11 +236,7 @@ def main(args: argparse.Namespace) -> dict:
             model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                         broadcast_buffers=False)
         if args.compile:
-            ok, why = compile_available(device)
-            if ok:
-                model = torch.compile(model)
-            elif is_main:
-                print(f"--compile ignored: {why}; running eager")
+            model = maybe_compile(model, device, announce=is_main)
 
         # --- optimizer and schedule --------------------------------------------------------
         total_batch = args.batch_size * world_size * args.accum_steps

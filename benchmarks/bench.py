@@ -37,7 +37,8 @@ sys.path.insert(0, str(REPO))
 import resnext  # noqa: E402
 from resnext.data import (ClassFolderDataset, FastTrainTransform, eval_transform,  # noqa: E402
                           find_images, load_image)
-from resnext.inference import autocast, compile_available, fuse_bn, resolve_amp  # noqa: E402
+from resnext.inference import (autocast, compile_available, fuse_bn,  # noqa: E402
+                               maybe_compile, resolve_amp)
 
 NORMALIZE = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -138,9 +139,7 @@ def row(name: str, images_per_s: float, reference: float, extra: str = "") -> di
 
 def fast_inference_model(model, device, use_compile):
     fast = fuse_bn(model).to(memory_format=torch.channels_last)
-    if use_compile and compile_available(device)[0]:
-        fast = torch.compile(fast)
-    return fast
+    return maybe_compile(fast, device) if use_compile else fast
 
 
 def bench_inference(args, device) -> dict:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .data import imagenet_class_names
+from .model import _FACTORIES
 
 __all__ = [
     "ReleasedWeights", "RELEASED_WEIGHTS", "Checkpoint", "LoadReport",
@@ -448,7 +449,6 @@ def get_model(name: str | None = None, pretrained: bool | str | os.PathLike | Ch
     Raises:
         ValueError: unknown name (the message lists the known ones); loader errors.
     """
-    from .model import _FACTORIES
     if pretrained is not False and pretrained is not True and not kwargs.get("reset_head"):
         ckpt = pretrained if isinstance(pretrained, Checkpoint) else read_checkpoint(pretrained)
         kwargs.setdefault("num_classes", _fc_out(ckpt.state_dict) or 0)

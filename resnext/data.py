@@ -8,6 +8,7 @@ horizontal flip.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
@@ -45,6 +46,27 @@ class ImageReadError(ValueError):
     """An image file is missing, empty, truncated or not an image; the message names it."""
 
 
+@contextlib.contextmanager
+def _reading(path: str | os.PathLike):
+    """Turn any failure to read or decode `path` into an ImageReadError that names it."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise ImageReadError(f"{path}: empty file") from None
+        raise ImageReadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def _upright_rgb(im: Image.Image) -> Image.Image:
+    """A decoded image, EXIF orientation applied, as RGB (alpha dropped)."""
+    ImageOps.exif_transpose(im, in_place=True)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # PIL's advice for palette images with transparency
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Decode an image file to an RGB PIL image, EXIF orientation applied.
 
@@ -55,23 +77,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         ImageReadError: naming the path, when the file is missing, empty, not an image or
             truncated.
     """
-    try:
+    with _reading(path):
         im = Image.open(path)
         try:
             im.load()  # decode now, so truncation errors surface here; frees the file handle
         except BaseException:
             im.close()
             raise
-        ImageOps.exif_transpose(im, in_place=True)
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")  # PIL's advice for palette images with transparency
-        return im if im.mode == "RGB" else im.convert("RGB")
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found") from None
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
-            raise ImageReadError(f"{path}: empty file") from None
-        raise ImageReadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+        return _upright_rgb(im)
 
 
 def eval_transform(img_size: int = 224, resize_size: int | None = None) -> T.Compose:
@@ -134,12 +147,8 @@ class FastTrainTransform:
         self.offset = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / std
 
     def __call__(self, path: str | os.PathLike) -> torch.Tensor:
-        try:
+        with _reading(path):
             pixels = self._crop(path)
-        except FileNotFoundError:
-            raise ImageReadError(f"{path}: file not found") from None
-        except Exception as e:  # PIL / libjpeg errors
-            raise ImageReadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
         if torch.rand(1) < 0.5:  # RandomHorizontalFlip(0.5)
             pixels = pixels.flip(-1)
         return pixels.float().mul_(self.multiplier).sub_(self.offset)
@@ -168,10 +177,7 @@ class FastTrainTransform:
                 im.draft("RGB" if im.mode == "RGB" else None,
                          (math.ceil(width / reduction), math.ceil(height / reduction)))
             im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")
-            im = im.convert("RGB")
+            im = _upright_rgb(im)
         fx, fy = im.size[0] / up_w, im.size[1] / up_h  # decoded pixels per upright pixel
         box = (left * fx, top * fy, (left + crop_w) * fx, (top + crop_h) * fy)
         out = im.resize((size, size), Image.Resampling.BILINEAR, box=box)

@@ -3,19 +3,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import os
 import shutil
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
 
-from .checkpoint import get_model
+from .checkpoint import get_model, read_checkpoint
 from .data import eval_transform, load_image
 
 __all__ = ["inference_model", "classify", "autocast", "resolve_amp", "fuse_bn",
-           "compile_available"]
+           "compile_available", "maybe_compile", "InferenceSetup", "load_for_inference"]
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -67,12 +69,74 @@ def compile_available(device: torch.device) -> tuple[bool, str]:
     CUDA). Returns (ok, reason when not)."""
     if not shutil.which(os.environ.get("CXX", "c++")) and not shutil.which("g++"):
         return False, "no C++ compiler found"
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False, "Triton is not installed"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return False, "Triton is not installed"
     return True, ""
+
+
+def maybe_compile(model: nn.Module, device: torch.device, announce: bool = True) -> nn.Module:
+    """torch.compile(model) where compile_available, else the model unchanged (saying so)."""
+    ok, why = compile_available(device)
+    if ok:
+        return torch.compile(model)
+    if announce:
+        print(f"--compile ignored: {why}; running eager")
+    return model
+
+
+@dataclass
+class InferenceSetup:
+    """What predict.py/evaluate.py run with: the prepared model and facts about it.
+
+    Attributes:
+        model: in eval mode, on the device, with the requested fast options applied.
+        class_names: from the checkpoint (or ImageNet's for 1000 classes), else None.
+        num_classes: classifier outputs (None without a classifier).
+        arch_name: e.g. 'resnext50_32x4d'.
+        img_size: centre-crop size to use (pixels).
+        amp: the resolved autocast dtype name, or None for fp32.
+    """
+    model: nn.Module
+    class_names: list[str] | None
+    num_classes: int | None
+    arch_name: str
+    img_size: int
+    amp: str | None
+
+
+def load_for_inference(name: str | None, checkpoint: str | None, device: torch.device, *,
+                       img_size: int | None = None, amp: str | None = None,
+                       fuse: bool = False, channels_last: bool = True,
+                       compile: bool = False, announce: bool = True) -> InferenceSetup:
+    """Build and load the model predict.py and evaluate.py use.
+
+    Args:
+        name: factory or seed name; None: the checkpoint's own, else resnext50_32x4d.
+        checkpoint: path/URL of any supported format; None: the released weights of `name`.
+        device: where to run.
+        img_size: crop size; None: the size train.py stored in the checkpoint, else 224.
+        amp: None, 'auto', 'bf16' or 'fp16' (see resolve_amp).
+        fuse: fold BatchNorm into the convs (fuse_bn).
+        channels_last: convert the weights to channels_last.
+        compile: torch.compile where available (maybe_compile).
+        announce: print when an option falls back.
+    Raises:
+        The loader's errors (ValueError, FileNotFoundError, RuntimeError for downloads).
+    """
+    pretrained = read_checkpoint(checkpoint) if checkpoint else True
+    stored_size = pretrained.meta.get("img_size") if pretrained is not True else None
+    model = get_model(name, pretrained=pretrained).to(device)
+    setup = InferenceSetup(model, model.class_names, model.num_classes or None,
+                           model.arch_name, img_size or stored_size or 224,
+                           resolve_amp(amp, device))
+    if fuse:
+        model = fuse_bn(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model = maybe_compile(model, device, announce)
+    setup.model = model
+    return setup
 
 
 def autocast(device: torch.device, amp: str | None):
