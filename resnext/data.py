@@ -353,10 +353,13 @@ def folder_class_mapping(root: str | os.PathLike, class_names: Sequence[str] | N
             raise ValueError(f"{root}: {len(folders)} class folders but the model has only "
                              f"{num_classes} classes")
         return {f: i for i, f in enumerate(folders)}
-    unknown = [f for f in folders if f not in class_names and f not in wnid_index]
-    unknown = unknown or [f for f in folders if f not in class_names]
     preview = ", ".join(map(repr, list(class_names)[:5]))
     preview += ", ..." if len(class_names) > 5 else ""
+    unknown = [f for f in folders if f not in class_names and f not in wnid_index]
+    if not unknown:  # ImageNet wnid folders, but the model is not a 1000-class one
+        missing = [f for f in folders if f not in class_names]
+        raise ValueError(f"{root}: class folders {missing} are ImageNet-1k wnids, but the model "
+                         f"has {len(class_names)} classes ({preview}), not ImageNet's 1000")
     raise ValueError(f"{root}: class folders {unknown} match neither the model's "
                      f"{len(class_names)} class names ({preview}) nor ImageNet-1k wnids")
 

@@ -274,6 +274,9 @@ def test_dataset_layout_errors(tmp_path):
     # Folders that are neither the model's class names nor wnids are listed.
     with pytest.raises(ValueError, match=r"\['ants', 'bees'\] match neither"):
         build_dataset(VAL, class_names=resnext.imagenet_class_names())
+    # wnid folders with a model of other classes: the message says what is wrong.
+    with pytest.raises(ValueError, match=r"are ImageNet-1k wnids, but the model has 2 classes"):
+        build_dataset(DATA / "imagenet_samples", class_names=["ants", "bees"])
     # The model's own names match whatever the sort order.
     ds = build_dataset(VAL, class_names=["bees", "ants"])
     assert ds.class_to_idx == {"bees": 0, "ants": 1}
