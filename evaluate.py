@@ -7,7 +7,8 @@
 
 Layouts: class folders (wnid folders map to ImageNet indices; a train.py model's own class
 names are matched by name), or a folder plus an mmpretrain annotation file (`path label`).
-Preprocessing is the released models' (resize 256, centre crop 224). Each image is counted
+Preprocessing is the weights' own (train.py stores it in the checkpoint; else resize 256,
+centre crop 224, the released models'). Each image is counted
 exactly once, also under torchrun, and only rank 0 prints. `evaluate()` is what train.py
 validates with.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,9 +26,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from resnext.data import UnpaddedDistributedSampler, build_dataset, eval_transform
+from resnext.data import (UnpaddedDistributedSampler, build_dataset, imagenet_wnids,
+                          set_max_image_pixels)
 from resnext.distributed import cleanup_distributed, init_distributed
-from resnext.inference import autocast, load_for_inference
+from resnext.inference import InferenceModel, load_for_inference
+from resnext.runtime import add_common_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,82 +40,79 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "image folder that --ann-file paths are relative to)")
     p.add_argument("--ann-file", default=None, help="mmpretrain annotation file of "
                    "'relative/path label' lines")
-    p.add_argument("--model", default=None, help="factory or seed name; default: the "
-                   "checkpoint's own, else resnext50_32x4d")
     p.add_argument("--checkpoint", default=None, help="weights (path or URL, any supported "
                    "format); default: the released OpenMMLab weights of --model")
-    p.add_argument("--batch-size", type=int, default=32, help="images per process")
-    p.add_argument("--workers", type=int, default=4, help="data loading processes per rank")
-    p.add_argument("--img-size", type=int, default=None, help="centre-crop size (pixels); "
-                   "default: the size train.py stored in the checkpoint, else 224")
     p.add_argument("--resize-size", type=int, default=None,
-                   help="short side before cropping; default img-size/0.875 (256 for 224)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; default cuda if present")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16"], default=None,
-                   help="autocast dtype (opt-in; default fp32, the reference numbers); auto: "
-                        "bf16 where the device runs it natively, else fp32")
+                   help="short side before cropping; default: the weights' (img-size/0.875)")
     p.add_argument("--fuse-bn", action="store_true",
-                   help="fold BatchNorm into the convs (same numbers to float rounding, faster)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (pays off on large sets; needs a C++ compiler)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels_last memory format (same results to float tolerance)")
-    p.add_argument("--json", default=None, metavar="PATH",
-                   help="write {top1, top5, num_images, model, checkpoint} here")
+                   help="fold BatchNorm into the convs on CPU (same numbers to float rounding)")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="print {top1, top5, num_images, model, checkpoint} as JSON on stdout "
+                        "(or write it to PATH)")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="write per-image predictions (JSON list) here")
+    add_common_args(p)
     return p
 
 
+def count_topk(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Hits at 1 and at k for a batch, on the logits' device (no host synchronisation).
+
+    Args:
+        logits: (N, C) scores; labels: (N,) int64; k: <= C.
+    Returns:
+        (2,) float64 tensor [correct@1, correct@k].
+    """
+    hits = logits.topk(k, dim=1).indices == labels[:, None]  # (N, k)
+    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).double()
+
+
+def topk_for(num_classes: int) -> int:
+    """The k of "top-5": 5, or the number of classes when there are fewer (where top-5 would
+    always read 100%)."""
+    return min(5, num_classes)
+
+
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
-             amp: str | None = None, channels_last: bool = True,
-             progress: bool = False, return_predictions: bool = False) -> dict:
-    """Top-1/top-5 of `model` over `loader`, summed across processes when distributed.
+def evaluate(model: InferenceModel, loader: DataLoader, progress: bool = False,
+             return_predictions: bool = False) -> dict:
+    """Top-1/top-k of `model` over `loader`, summed across processes when distributed.
 
     The loader must visit every image once over all ranks (UnpaddedDistributedSampler): the
     counts are all-reduced, so the result equals a single-process run.
 
     Args:
-        model: classifier; put in eval mode (BN running statistics, no dropout).
+        model: an InferenceModel (converts its input, runs autocast); put in eval mode.
         loader: yields ((N, 3, H, W) float images, (N,) int64 labels).
-        device: where the model lives.
-        amp: None (fp32), 'bf16' or 'fp16'.
-        channels_last: feed channels_last tensors.
         progress: show a tqdm bar (rank 0).
         return_predictions: also gather per-image results to every rank.
     Returns:
-        {'top1': %, 'top5': %, 'num_images': int, 'loss': mean cross-entropy} plus
-        'predictions' (sorted by dataset index: index, label, pred_label, pred_score, top5)
-        if asked.
+        {'top1': %, 'top5': % (key 'top{k}' with k = min(5, classes)), 'k': k,
+        'num_images': int, 'loss': mean cross-entropy} plus 'predictions' (sorted by dataset
+        index: index, label, pred_label, pred_score, topk) if asked.
     """
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, n, loss
+    device = model.device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@k, n, loss
     indices = list(loader.sampler) if return_predictions else None
     predictions = []
     seen = 0
+    k = 1
     for images, labels in tqdm(loader, desc="eval", disable=not progress, leave=False):
-        images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            logits = model(images)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hits = top == labels[:, None]
-        sums[0] += hits[:, 0].sum()
-        sums[1] += hits.any(dim=1).sum()
+        logits = model(images)
+        k = topk_for(logits.shape[1])
+        sums[:2] += count_topk(logits, labels, k)
         sums[2] += labels.numel()
         sums[3] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
         if return_predictions:
             scores = logits.softmax(dim=1)
+            top = logits.topk(k, dim=1).indices
             for j in range(labels.numel()):
                 predictions.append({
                     "index": indices[seen + j], "label": int(labels[j]),
                     "pred_label": int(top[j, 0]), "pred_score": float(scores[j, top[j, 0]]),
-                    "top5": [int(t) for t in top[j]]})
+                    "topk": [int(t) for t in top[j]]})
         seen += labels.numel()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
@@ -119,50 +120,86 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, predictions)
             predictions = [p for part in gathered for p in part]
-    c1, c5, n, loss = sums.tolist()
-    result = {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1),
+    if model.num_classes:
+        k = topk_for(model.num_classes)
+    c1, ck, n, loss = sums.tolist()
+    result = {"top1": 100.0 * c1 / max(n, 1), f"top{k}": 100.0 * ck / max(n, 1), "k": k,
               "num_images": int(n), "loss": loss / max(n, 1)}
     if return_predictions:
         result["predictions"] = sorted(predictions, key=lambda p: p["index"])
     return result
 
 
+def format_accuracy(result: dict) -> str:
+    """mmpretrain's 'accuracy/top1: 77.9000  accuracy/top5: 93.6600' line (top-k with fewer
+    than 5 classes)."""
+    k = result["k"]
+    text = f"accuracy/top1: {result['top1']:.4f}"
+    return text + (f"  accuracy/top{k}: {result[f'top{k}']:.4f}" if k > 1 else "")
+
+
 def build_loader(dataset, batch_size: int, workers: int, rank: int, world_size: int,
                  pin_memory: bool = False) -> DataLoader:
-    """Validation loader: in order, unpadded shards under torchrun."""
+    """Validation loader: in order, unpadded shards under torchrun; workers persist across
+    calls (train.py validates every epoch)."""
     sampler = UnpaddedDistributedSampler(len(dataset), world_size, rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=False)
+                      pin_memory=pin_memory, persistent_workers=workers > 0)
+
+
+def describe_mapping(dataset, model: InferenceModel) -> str | None:
+    """A warning when folder classes were not matched to the model's classes by name (or
+    ImageNet wnid), saying how they were mapped; None when they were."""
+    class_to_idx = getattr(dataset, "class_to_idx", None)
+    if not class_to_idx or model.class_names is not None:
+        return None
+    if set(class_to_idx) <= set(imagenet_wnids()) and model.num_classes == 1000:
+        return None
+    pairs = ", ".join(f"{folder} -> {label}" for folder, label in list(class_to_idx.items())[:10])
+    more = ", ..." if len(class_to_idx) > 10 else ""
+    return (f"warning: the weights carry no class names, so the {len(class_to_idx)} class "
+            f"folders were mapped to labels by sorted order ({pairs}{more}); if the folders "
+            f"are a subset of the model's classes, the accuracy is meaningless")
 
 
 def main(args: argparse.Namespace) -> dict:
+    set_max_image_pixels(args.max_image_pixels)
     info = init_distributed(args.device)
     try:
-        setup = load_for_inference(args.model, args.checkpoint, info.device,
-                                   img_size=args.img_size, amp=args.amp, fuse=args.fuse_bn,
-                                   channels_last=args.channels_last, compile=args.compile,
-                                   announce=info.is_main)
-        dataset = build_dataset(args.data, args.ann_file,
-                                eval_transform(setup.img_size, args.resize_size),
-                                setup.class_names, setup.num_classes)
+        model = load_for_inference(args.model, args.checkpoint, info.device, amp=args.amp,
+                                   fuse=args.fuse_bn, channels_last=args.channels_last,
+                                   compile=args.compile, img_size=args.img_size,
+                                   resize_size=args.resize_size, announce=info.is_main)
+        dataset = build_dataset(args.data, args.ann_file, model.preprocessing.transform(),
+                                model.class_names, model.num_classes)
+        note = describe_mapping(dataset, model)
+        if note and info.is_main:
+            print(f"evaluate.py: {note}", file=sys.stderr)
+        empty = getattr(dataset, "empty_classes", [])
+        if empty and info.is_main:
+            print(f"evaluate.py: {len(empty)} class folders hold no images and are not counted: "
+                  f"{', '.join(empty[:10])}{', ...' if len(empty) > 10 else ''}", file=sys.stderr)
         loader = build_loader(dataset, args.batch_size, args.workers, info.rank,
                               info.world_size, pin_memory=info.device.type == "cuda")
         start = time.perf_counter()
-        result = evaluate(setup.model, loader, info.device, setup.amp, args.channels_last,
-                          progress=info.is_main, return_predictions=bool(args.out))
+        result = evaluate(model, loader, progress=info.is_main,
+                          return_predictions=bool(args.out))
         seconds = time.perf_counter() - start
         if info.is_main:
-            print(f"accuracy/top1: {result['top1']:.4f}  accuracy/top5: {result['top5']:.4f}  "
-                  f"images: {result['num_images']}  ({result['num_images'] / seconds:.1f} "
-                  f"images/s on {info.world_size} x {info.device.type})")
-            summary = {"top1": result["top1"], "top5": result["top5"],
+            k = result["k"]
+            summary = {"top1": result["top1"], f"top{k}": result[f"top{k}"], "k": k,
                        "num_images": result["num_images"],
-                       "model": args.model or setup.arch_name,
+                       "model": args.model or model.arch_name,
                        "checkpoint": args.checkpoint or "released"}
-            if args.json:
+            print(f"{format_accuracy(result)}  images: {result['num_images']}  "
+                  f"({result['num_images'] / seconds:.1f} images/s on {info.world_size} x "
+                  f"{info.device.type})", file=sys.stderr if args.json == "-" else sys.stdout)
+            if args.json == "-":
+                print(json.dumps(summary))
+            elif args.json:
                 Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
             if args.out:
-                names = setup.class_names
+                names = model.class_names
                 for p in result["predictions"]:
                     p["path"] = dataset.samples[p["index"]][0]
                     if names:
@@ -177,6 +214,9 @@ if __name__ == "__main__":
     arguments = get_args_parser().parse_args()
     try:
         main(arguments)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)

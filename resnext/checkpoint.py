@@ -1,4 +1,4 @@
-"""Checkpoints: released weights, safe loading of every supported format, export back.
+"""Checkpoints: reading every supported format safely, key conversion, atomic save, export.
 
 Supported inputs (all read with map_location='cpu' and weights-only unpickling):
   * mmcls 0.x release files: {'meta': {..., 'CLASSES': [...]}, 'state_dict': {'backbone.*',
@@ -22,7 +22,7 @@ import re
 import tempfile
 import urllib.error
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
@@ -31,58 +31,11 @@ import torch
 from torch import nn
 
 from .data import imagenet_class_names
-from .model import _FACTORIES
 
 __all__ = [
-    "ReleasedWeights", "RELEASED_WEIGHTS", "Checkpoint", "LoadReport",
-    "read_checkpoint", "convert_state_dict", "load_weights", "load_pretrained", "get_model",
+    "Checkpoint", "LoadReport", "read_checkpoint", "convert_state_dict", "load_weights",
     "download_weights", "export_openmmlab", "save_checkpoint",
 ]
-
-# Preprocessing the released checkpoints were evaluated with (mmpretrain
-# configs/_base_/datasets/imagenet_bs32_pil_resize.py): PIL bilinear resize of the short side
-# to 256, centre crop 224, mean/std on the 0-255 scale.
-_MMPRETRAIN_TEST_PIPELINE = {"resize": 256, "crop": 224, "interpolation": "bilinear (PIL)",
-                             "mean": (123.675, 116.28, 103.53), "std": (58.395, 57.12, 57.375)}
-
-
-@dataclass(frozen=True)
-class ReleasedWeights:
-    """One released OpenMMLab checkpoint (mmpretrain configs/resnext/metafile.yml).
-
-    Attributes:
-        name: the seed's model name, e.g. 'resnext50-32x4d_8xb32_in1k'.
-        factory: our factory function's name, e.g. 'resnext50_32x4d'.
-        url: download address; the 8 hex digits before '.pth' are the SHA-256 prefix.
-        top1, top5: ImageNet-1k val accuracy (%) published for it.
-        preprocessing: the test pipeline it was evaluated with (sizes in pixels).
-    """
-    name: str
-    factory: str
-    url: str
-    top1: float
-    top5: float
-    preprocessing: Mapping[str, Any] = field(default_factory=lambda: _MMPRETRAIN_TEST_PIPELINE)
-
-
-_BASE_URL = "https://download.openmmlab.com/mmclassification/v0/resnext/"
-_RELEASES = [
-    ReleasedWeights("resnext50-32x4d_8xb32_in1k", "resnext50_32x4d",
-                    _BASE_URL + "resnext50_32x4d_b32x8_imagenet_20210429-56066e27.pth",
-                    77.90, 93.66),
-    ReleasedWeights("resnext101-32x4d_8xb32_in1k", "resnext101_32x4d",
-                    _BASE_URL + "resnext101_32x4d_b32x8_imagenet_20210506-e0fa3dd5.pth",
-                    78.61, 94.17),
-    ReleasedWeights("resnext101-32x8d_8xb32_in1k", "resnext101_32x8d",
-                    _BASE_URL + "resnext101_32x8d_b32x8_imagenet_20210506-23a247d5.pth",
-                    79.27, 94.58),
-    ReleasedWeights("resnext152-32x4d_8xb32_in1k", "resnext152_32x4d",
-                    _BASE_URL + "resnext152_32x4d_b32x8_imagenet_20210524-927787be.pth",
-                    78.88, 94.33),
-]
-#: Released weights by seed name and by factory name (both spellings of each model).
-RELEASED_WEIGHTS: dict[str, ReleasedWeights] = {
-    **{r.name: r for r in _RELEASES}, **{r.factory: r for r in _RELEASES}}
 
 # torch.hub's convention: '<name>-<first hex digits of sha256>.<ext>'.
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
@@ -374,12 +327,11 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Checkpoint,
                 parts.append(f"  {label} ({len(keys)}): {', '.join(keys)}")
         raise ValueError("\n".join(parts))
     on_meta = any(t.is_meta for t in own.values())
-    # A model built on the meta device (factories with pretrained=) takes the file's tensors
-    # as they are (assign), so the weights are never held twice.
+    # A model built on the meta device (resnext.pretrained) takes the file's tensors as they
+    # are (assign), so the weights are never held twice; it then materialises what is left.
     result = model.load_state_dict(sd, strict=False, assign=on_meta)
     assert all(k in skipped or k.endswith("num_batches_tracked") for k in result.missing_keys)
-    if on_meta:
-        _materialize_rest(model)
+    model.weights_source = str(ckpt.path)  # ResNeXt.init_weights() leaves loaded weights alone
     classes = None if reset_head else ckpt.classes
     num_classes = _fc_out(model.state_dict())
     if classes is not None and num_classes is not None and len(classes) != num_classes:
@@ -388,80 +340,6 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Checkpoint,
         classes = imagenet_class_names()
     model.class_names = classes
     return LoadReport(ckpt.format, ckpt.path, len(sd), skipped, classes)
-
-
-def _materialize_rest(model: nn.Module) -> None:
-    """After an assigning load into a meta-device model: give the tensors the file did not
-    provide real storage. Missing num_batches_tracked counters become 0; a reset classifier
-    gets mmpretrain's head init (Normal(0, 0.01) weight, zero bias)."""
-    for module in model.modules():
-        for name, buf in list(module.named_buffers(recurse=False)):
-            if buf.is_meta:
-                module._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype)
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.is_meta:
-                if not isinstance(module, nn.Linear):
-                    raise ValueError(f"parameter {name} of {type(module).__name__} was not "
-                                     f"loaded and has no initialisation rule")
-                value = torch.empty(param.shape, dtype=param.dtype)
-                nn.init.normal_(value, std=0.01) if name == "weight" else nn.init.zeros_(value)
-                module._parameters[name] = nn.Parameter(value, requires_grad=param.requires_grad)
-
-
-def load_pretrained(model: nn.Module, name: str, pretrained: bool | str | os.PathLike,
-                    reset_head: bool = False) -> LoadReport:
-    """Load `pretrained` into a model built by factory `name` (what `pretrained=` does).
-
-    Args:
-        model: the freshly built model.
-        name: factory or seed name, to find the released weights for pretrained=True.
-        pretrained: True for the released OpenMMLab weights, else a path or URL.
-        reset_head: see load_weights.
-    Raises:
-        ValueError: pretrained=True for a model without released weights.
-        RuntimeError: download failed (the message names the URL and how to pass a file).
-    """
-    if pretrained is True:
-        if name not in RELEASED_WEIGHTS:
-            released = sorted({r.factory for r in _RELEASES})
-            raise ValueError(f"{name} has no released OpenMMLab weights (released: "
-                             f"{', '.join(released)}); pass pretrained='path/or/url.pth'")
-        pretrained = RELEASED_WEIGHTS[name].url
-    return load_weights(model, pretrained, reset_head=reset_head)
-
-
-def get_model(name: str | None = None, pretrained: bool | str | os.PathLike | Checkpoint = False,
-              **kwargs) -> nn.Module:
-    """Build a model by factory name ('resnext50_32x4d') or seed name
-    ('resnext50-32x4d_8xb32_in1k'), like mmpretrain's get_model.
-
-    With a checkpoint path/URL and no num_classes, the classifier size is taken from the
-    file, so `get_model('resnext50_32x4d', 'work_dirs/rx50/best.pth')` rebuilds a 2-class
-    model from train.py; with name None, the file's own model name (our checkpoints store it)
-    or resnext50_32x4d.
-
-    Args:
-        name: see RELEASED_WEIGHTS and resnext.list_models(), or None.
-        pretrained: False, True (released weights), a path/URL or a read Checkpoint.
-        **kwargs: forwarded to the factory (num_classes, reset_head, ...).
-    Returns:
-        The model, in eval mode when weights were loaded.
-    Raises:
-        ValueError: unknown name (the message lists the known ones); loader errors.
-    """
-    if pretrained is not False and pretrained is not True and not kwargs.get("reset_head"):
-        ckpt = pretrained if isinstance(pretrained, Checkpoint) else read_checkpoint(pretrained)
-        kwargs.setdefault("num_classes", _fc_out(ckpt.state_dict) or 0)
-        if name is None and ckpt.meta.get("model") in _FACTORIES:
-            name = ckpt.meta["model"]
-        pretrained = ckpt
-    name = name or "resnext50_32x4d"
-    factory_name = RELEASED_WEIGHTS[name].factory if name in RELEASED_WEIGHTS else name
-    if factory_name not in _FACTORIES:
-        known = sorted(set(_FACTORIES) | set(RELEASED_WEIGHTS))
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(known)}")
-    model = _FACTORIES[factory_name](pretrained=pretrained, **kwargs)
-    return model.eval() if pretrained is not False else model
 
 
 # --- download ---------------------------------------------------------------------------------
@@ -560,7 +438,5 @@ def export_openmmlab(model: nn.Module, path: str | os.PathLike,
     classes = list(classes if classes is not None else getattr(model, "class_names", None) or [])
     state_dict = {(f"head.{k}" if k.startswith("fc.") else f"backbone.{k}"): v.detach().cpu()
                   for k, v in model.state_dict().items()}
-    arch = {k: getattr(model, k, None) for k in ("depth", "groups", "width_per_group")}
-    meta = {"CLASSES": classes, "dataset_meta": {"classes": classes},
-            "exported_by": "resnext", "arch": arch}
+    meta = {"CLASSES": classes, "dataset_meta": {"classes": classes}, "exported_by": "resnext"}
     return save_checkpoint({"meta": meta, "state_dict": state_dict}, path)

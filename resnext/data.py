@@ -15,19 +15,18 @@ import math
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
+
+from dataclasses import asdict, dataclass
 
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 from torchvision import datasets
-from torchvision import transforms as T
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "ImageReadError", "load_image",
-    "eval_transform", "train_transform", "imagenet_wnids", "imagenet_class_names",
+    "Preprocessing", "EvalTransform", "eval_transform", "train_transform", "imagenet_wnids", "imagenet_class_names",
     "ClassFolderDataset", "AnnotationFileDataset", "UnpaddedDistributedSampler",
     "find_images", "folder_class_mapping", "build_dataset", "FastTrainTransform",
 ]
@@ -87,26 +86,134 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         return _upright_rgb(im)
 
 
-def eval_transform(img_size: int = 224, resize_size: int | None = None) -> T.Compose:
-    """Test preprocessing: PIL RGB image -> (3, img_size, img_size) float32 normalised tensor.
+_INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+class EvalTransform:
+    """Test preprocessing: RGB PIL image -> (3, crop, crop) float32 normalised tensor.
+
+    Resize the short side to `resize_size` (long side floored), centre-crop `crop_size` at
+    offsets round((H - crop) / 2), scale to [0, 1], subtract mean, divide by std: the same
+    operations in the same order as torchvision's Resize + CenterCrop + ToTensor + Normalize on
+    a PIL image, so the output is bitwise identical (tested against torchvision itself)
+    without importing torchvision.
+
+    Args:
+        crop_size: output side in pixels.
+        resize_size: short side after resizing, in pixels; >= crop_size.
+        interpolation: 'bilinear' (mmpretrain's PIL resize) or 'bicubic'.
+        mean, std: per-channel normalisation on the [0, 1] scale.
+    """
+
+    def __init__(self, crop_size: int = 224, resize_size: int = 256,
+                 interpolation: str = "bilinear", mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
+        self.crop_size, self.resize_size = crop_size, resize_size
+        self.resample = _INTERPOLATIONS[interpolation]
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.resize_size, int(self.resize_size * long / short)
+        size = (new_short, new_long) if w <= h else (new_long, new_short)
+        image = image.resize(size, self.resample)  # PIL resizes with antialiasing
+        left = int(round((size[0] - self.crop_size) / 2.0))
+        top = int(round((size[1] - self.crop_size) / 2.0))
+        image = image.crop((left, top, left + self.crop_size, top + self.crop_size))
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        pixels = pixels.view(self.crop_size, self.crop_size, 3).permute(2, 0, 1)
+        return pixels.float().div(255).sub(self.mean).div(self.std)  # (3, crop, crop)
+
+    def __repr__(self) -> str:
+        return (f"EvalTransform(crop_size={self.crop_size}, resize_size={self.resize_size}, "
+                f"resample={self.resample.name.lower()})")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images were prepared for a set of weights: the one source of truth that travels
+    with them (as torchvision's `weights.transforms()`), read by predict.py, evaluate.py,
+    inference_model and train.py's validation.
+
+    Attributes:
+        crop_size: centre-crop side in pixels (the training crop size).
+        resize_size: short side before cropping, in pixels; floor(crop / 0.875) by default
+            (256 for 224; mmpretrain and timm).
+        interpolation: 'bilinear' (PIL; mmpretrain configs/_base_/datasets/
+            imagenet_bs32_pil_resize.py) or 'bicubic'.
+        mean, std: per-channel normalisation on the [0, 1] scale (mmpretrain's 0-255 values
+            / 255).
+    Raises:
+        ValueError: non-positive sizes, resize_size < crop_size, unknown interpolation.
+    """
+    crop_size: int = 224
+    resize_size: int | None = None
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.resize_size is None:
+            object.__setattr__(self, "resize_size", math.floor(self.crop_size / CROP_FRACTION))
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if not (isinstance(self.crop_size, int) and self.crop_size >= 1
+                and isinstance(self.resize_size, int) and self.resize_size >= self.crop_size):
+            raise ValueError(f"preprocessing needs integer sizes with resize_size >= crop_size "
+                             f">= 1, got crop {self.crop_size!r}, resize {self.resize_size!r}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got "
+                             f"{self.interpolation!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need 3 values (std > 0), got {self.mean}, {self.std}")
+
+    def transform(self) -> EvalTransform:
+        """The test transform: RGB PIL image -> (3, crop, crop) float32 normalised tensor."""
+        return EvalTransform(self.crop_size, self.resize_size, self.interpolation,
+                             self.mean, self.std)
+
+    def to_dict(self) -> dict:
+        """Plain types, for a checkpoint's meta (weights-only loadable)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping) -> "Preprocessing | None":
+        """From a checkpoint's meta: 'preprocessing' (ours), or the 'img_size' that older
+        train.py files stored; None when the meta says nothing.
+
+        Raises:
+            ValueError: the stored values are malformed.
+        """
+        stored = meta.get("preprocessing")
+        if isinstance(stored, Mapping):
+            known = {k: stored[k] for k in ("crop_size", "resize_size", "interpolation",
+                                             "mean", "std") if k in stored}
+            return cls(**known)
+        if isinstance(meta.get("img_size"), int):
+            return cls(crop_size=meta["img_size"])
+        return None
+
+
+def eval_transform(img_size: int = 224, resize_size: int | None = None) -> EvalTransform:
+    """Test preprocessing: RGB PIL image -> (3, img_size, img_size) float32 normalised tensor.
 
     Args:
         img_size: centre-crop size in pixels (mmpretrain: 224).
         resize_size: short side after resizing, in pixels; default floor(img_size / 0.875)
             (256 for 224), as mmpretrain and timm.
+    Raises:
+        ValueError: see Preprocessing.
     """
-    resize_size = resize_size or math.floor(img_size / CROP_FRACTION)
-    return T.Compose([
-        T.Resize(resize_size, interpolation=T.InterpolationMode.BILINEAR),
-        T.CenterCrop(img_size),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return Preprocessing(img_size, resize_size).transform()
 
 
-def train_transform(img_size: int = 224) -> T.Compose:
+def train_transform(img_size: int = 224) -> Callable:
     """Training augmentation (mmpretrain imagenet_bs32_pil_resize train pipeline): PIL RGB
     image -> (3, img_size, img_size) float32 normalised tensor, random crop and flip."""
+    from torchvision import transforms as T  # only training needs torchvision's transforms
+
     return T.Compose([
         T.RandomResizedCrop(img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                             interpolation=T.InterpolationMode.BILINEAR),
@@ -155,6 +262,10 @@ class FastTrainTransform:
 
     def _crop(self, path) -> torch.Tensor:
         """(3, img_size, img_size) uint8 crop, drawing the RandomResizedCrop parameters."""
+        from torchvision import transforms as T
+        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.transforms.v2 import functional as TF
+
         size = self.img_size
         with open(path, "rb") as f:
             data = f.read()

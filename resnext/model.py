@@ -4,12 +4,15 @@ CVPR 2017, arXiv:1611.05431), as trained by mmpretrain (configs/resnext/*_8xb32_
 The whole network lives here: the grouped bottleneck, the ResNeXt class (stem, four stages,
 pooled linear head) and one factory per released depth/cardinality/width. Module names equal
 torchvision's ResNet (conv1, bn1, layer1..layer4, fc), so our state-dict keys are torchvision's
-and mmpretrain's minus its `backbone.` / `head.` prefixes. Torch only: no I/O here, except
-that a factory called with `pretrained=` hands over to resnext.checkpoint.
+and mmpretrain's minus its `backbone.` / `head.` prefixes. Torch only, no I/O: the factories
+build random models; `resnext.resnext50_32x4d(pretrained=...)` (resnext.pretrained) wraps them
+to load weights.
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
+
+import warnings
 
 import torch
 from torch import nn
@@ -40,12 +43,17 @@ class Bottleneck(nn.Module):
         groups: cardinality, the number of groups of the 3x3 conv; must divide width.
         downsample: projection of the shortcut (1x1 conv + BN) or None for identity.
 
+    Attributes in_channels, mid_channels (= width), out_channels, stride and groups are kept,
+    as mmpretrain's Bottleneck has them.
+
     Input (N, in_channels, H, W) float; output (N, out_channels, H/stride, W/stride).
     """
 
     def __init__(self, in_channels: int, width: int, out_channels: int, stride: int = 1,
                  groups: int = 1, downsample: nn.Module | None = None):
         super().__init__()
+        self.in_channels, self.mid_channels, self.out_channels = in_channels, width, out_channels
+        self.stride, self.groups = stride, groups
         self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups,
@@ -69,7 +77,9 @@ class ResNeXt(nn.Module):
 
     Args:
         depth: 50, 101 or 152; sets the blocks per stage (3,4,6,3) / (3,4,23,3) / (3,8,36,3).
-        groups: cardinality C, groups of every 3x3 conv (32 in "32x4d").
+        groups: cardinality C, groups of every 3x3 conv (32 in "32x4d"). groups=1 builds
+            a plain ResNet (inner widths 64/128/256/512, width_per_group ignored), as
+            mmpretrain's ResNeXt does.
         width_per_group: channels per group in stage 1 (4 in "32x4d"); stage i (0-based) has
             inner width groups * width_per_group * 2**i (mmpretrain resnext.py).
         num_classes: classifier outputs; 0 means no classifier (forward returns pooled
@@ -112,8 +122,13 @@ class ResNeXt(nn.Module):
         self.depth, self.groups, self.width_per_group = depth, groups, width_per_group
         self.num_classes, self.out_indices = num_classes, out_indices
         self.frozen_stages, self.norm_eval = frozen_stages, norm_eval
+        self.zero_init_residual = zero_init_residual
         self.num_features = STAGE_CHANNELS[-1]
-        self.class_names: list[str] | None = None  # filled by the checkpoint loader
+        # Filled by the checkpoint loader: class names, the file the weights came from, and
+        # the preprocessing they expect (resnext.data.Preprocessing; None: the standard one).
+        self.class_names: list[str] | None = None
+        self.weights_source: str | None = None
+        self.preprocessing = None
 
         # Stem: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool (He et al. 2016, Table 1).
         self.conv1 = nn.Conv2d(3, STEM_CHANNELS, 7, stride=2, padding=3, bias=False)
@@ -123,7 +138,8 @@ class ResNeXt(nn.Module):
 
         in_channels = STEM_CHANNELS
         for i, (blocks, out_channels) in enumerate(zip(STAGE_BLOCKS[depth], STAGE_CHANNELS)):
-            width = groups * width_per_group * 2**i  # e.g. 128/256/512/1024 for 32x4d
+            # e.g. 128/256/512/1024 for 32x4d; groups=1 is ResNet's out/4 (mmpretrain resnext.py)
+            width = groups * width_per_group * 2**i if groups > 1 else out_channels // 4
             stride = 1 if i == 0 else 2              # stage 1 keeps the max-pooled size
             stage = self._make_stage(in_channels, width, out_channels, blocks, stride, groups)
             self.add_module(f"layer{i + 1}", stage)
@@ -131,12 +147,15 @@ class ResNeXt(nn.Module):
 
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-        self.init_weights(zero_init_residual)
+        self.init_weights()
         self._freeze_stages()
 
     @property
     def arch_name(self) -> str:
-        """Factory-style name of this architecture, e.g. 'resnext50_32x4d'."""
+        """Factory-style name of this architecture, e.g. 'resnext50_32x4d' ('resnet50' for
+        groups=1)."""
+        if self.groups == 1:
+            return f"resnet{self.depth}"
         return f"resnext{self.depth}_{self.groups}x{self.width_per_group}d"
 
     @staticmethod
@@ -152,13 +171,21 @@ class ResNeXt(nn.Module):
                    for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
-    def init_weights(self, zero_init_residual: bool = True) -> None:
+    def init_weights(self) -> None:
         """mmpretrain's initialisation for training from scratch (differs from torchvision's).
 
         Convs: Kaiming normal, fan_out, ReLU gain (mmcv kaiming_init). BN: weight 1, bias 0;
-        with zero_init_residual the last BN of each block gets weight 0 and bias 0. Classifier:
-        Normal(0, 0.01) weight, zero bias (mmpretrain LinearClsHead init_cfg).
+        with the constructor's zero_init_residual the last BN of each block gets weight 0 and
+        bias 0. Classifier: Normal(0, 0.01) weight, zero bias (mmpretrain LinearClsHead
+        init_cfg). The constructor calls it; calling it again re-draws a random model, except
+        on a model whose weights were loaded from a file, which it leaves unchanged with a
+        warning (as mmengine's BaseModule does once initialised), so that a framework that
+        calls init_weights() on its modules never silently discards a checkpoint.
         """
+        if self.weights_source is not None:
+            warnings.warn(f"init_weights() skipped: the weights were loaded from "
+                          f"{self.weights_source}", stacklevel=2)
+            return
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -168,7 +195,7 @@ class ResNeXt(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
-        if zero_init_residual:
+        if self.zero_init_residual:
             for m in self.modules():
                 if isinstance(m, Bottleneck):
                     nn.init.zeros_(m.bn3.weight)
@@ -220,7 +247,8 @@ class ResNeXt(nn.Module):
         """(N, 3, H, W) normalised images -> (N, num_classes) logits ((N, 2048) if no fc)."""
         return self.forward_head(self.forward_features(x))
 
-    def extract_feat(self, x: torch.Tensor, stage: str = "neck") -> tuple[torch.Tensor, ...]:
+    def extract_feat(self, x: torch.Tensor,
+                     stage: str = "neck") -> tuple[torch.Tensor, ...] | torch.Tensor:
         """Intermediate features, as mmpretrain's ImageClassifier.extract_feat.
 
         Args:
@@ -228,16 +256,17 @@ class ResNeXt(nn.Module):
             stage: 'backbone' -> the stage maps for out_indices, stage i of shape
                 (N, STAGE_CHANNELS[i], H/2**(i+2), W/2**(i+2)); 'neck' -> each of those
                 globally average-pooled to (N, C_i); 'pre_logits' -> the classifier's input,
-                pooled (N, 2048) of the last stage, as a 1-tuple.
+                pooled (N, 2048) of the last stage, as a tensor (mmpretrain's
+                ImageClassifier returns the head's pre_logits unwrapped).
         Returns:
-            A tuple of float tensors as described.
+            A tuple of float tensors ('backbone', 'neck') or one tensor ('pre_logits').
         Raises:
             ValueError: for any other stage.
         """
         if stage not in ("backbone", "neck", "pre_logits"):
             raise ValueError(f"stage must be 'backbone', 'neck' or 'pre_logits', got {stage!r}")
         if stage == "pre_logits":
-            return (self.forward_head(self.forward_features(x), pre_logits=True),)
+            return self.forward_head(self.forward_features(x), pre_logits=True)
         outs = []
         x = self._stem(x)
         for i, layer in enumerate(self.stages()):
@@ -260,20 +289,10 @@ def _build(name: str, depth: int, groups: int, width_per_group: int, kwargs: dic
             raise ValueError(f"{name} fixes {key}={value}; got {key}={kwargs[key]!r}. "
                              f"Use ResNeXt(...) or another factory for other sizes.")
         kwargs.pop(key, None)
-    pretrained = kwargs.pop("pretrained", False)
-    reset_head = kwargs.pop("reset_head", False)
-    if not pretrained:
-        if reset_head:
-            raise ValueError("reset_head=True only makes sense with pretrained=")
-        return ResNeXt(**fixed, **kwargs)
-    # Weights will come from a file: build on the meta device (no memory, no random init) and
-    # let the loader assign the file's tensors. Checkpoint I/O lives in resnext.checkpoint,
-    # imported lazily to keep this file torch-only.
-    from .checkpoint import load_pretrained
-    with torch.device("meta"):
-        model = ResNeXt(**fixed, **kwargs)
-    load_pretrained(model, name, pretrained, reset_head=reset_head)
-    return model
+    if "pretrained" in kwargs or "reset_head" in kwargs:
+        raise TypeError(f"resnext.model.{name} builds random models; for weights use "
+                        f"resnext.{name}(pretrained=...) or resnext.get_model")
+    return ResNeXt(**fixed, **kwargs)
 
 
 def resnext50_32x4d(**kwargs) -> ResNeXt:
@@ -282,14 +301,15 @@ def resnext50_32x4d(**kwargs) -> ResNeXt:
 
     Args:
         **kwargs: forwarded to ResNeXt (num_classes, out_indices, frozen_stages, norm_eval,
-            zero_init_residual), plus pretrained (True for the released OpenMMLab weights, or
-            a path/URL of any supported checkpoint) and reset_head (skip a classifier of
-            another size).
+            zero_init_residual). The package-level `resnext.resnext50_32x4d` also takes
+            pretrained (True for the released OpenMMLab weights, or a path/URL of any
+            supported checkpoint) and reset_head (skip a classifier of another size).
     Returns:
         Model mapping (N, 3, H, W) normalised float images to (N, num_classes) logits;
         25,028,904 parameters at 1000 classes.
     Raises:
         ValueError: if kwargs try to change depth, groups or width_per_group.
+        TypeError: pretrained/reset_head given here (use resnext.resnext50_32x4d).
     """
     return _build("resnext50_32x4d", 50, 32, 4, kwargs)
 

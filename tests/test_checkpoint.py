@@ -18,8 +18,8 @@ import torchvision
 
 import resnext
 from resnext import checkpoint as ck
-from resnext.checkpoint import (RELEASED_WEIGHTS, export_openmmlab, get_model, load_weights,
-                                read_checkpoint)
+from resnext.checkpoint import export_openmmlab, load_weights, read_checkpoint
+from resnext.pretrained import RELEASED_WEIGHTS, get_model
 from conftest import DATA, randomize_
 
 

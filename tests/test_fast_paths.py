@@ -7,7 +7,8 @@ from PIL import Image
 
 import resnext
 from resnext.data import FastTrainTransform, ImageReadError, load_image, train_transform
-from resnext.inference import fuse_bn, resolve_amp
+from resnext.inference import fuse_bn
+from resnext.runtime import resolve_amp
 from conftest import DATA, randomize_
 from test_predict_evaluate import BIRD, VAL, run_script
 
@@ -79,9 +80,12 @@ def test_fuse_bn_keeps_outputs_and_original():
 def test_resolve_amp():
     flags = open("/proc/cpuinfo").read().split()
     native = "avx512_bf16" in flags or "amx_bf16" in flags
-    assert resolve_amp("auto", torch.device("cpu")) == ("bf16" if native else None)
+    assert resolve_amp("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
     assert resolve_amp(None, torch.device("cpu")) is None
-    assert resolve_amp("fp16", torch.device("cpu")) == "fp16"
+    assert resolve_amp("fp16", torch.device("cpu")) == torch.float16
+    assert resolve_amp("auto", torch.device("cuda")) == torch.float16  # measured on H200
+    with pytest.raises(ValueError, match="fp8"):
+        resolve_amp("fp8", torch.device("cpu"))
 
 
 @pytest.mark.slow

@@ -80,7 +80,7 @@ def test_stage_output_shapes_224_and_feature_api():
         assert feats.shape == (2, 2048, 7, 7)
         pre = model.forward_head(feats, pre_logits=True)
         torch.testing.assert_close(pre, feats.mean(dim=(2, 3)))
-        torch.testing.assert_close(model.extract_feat(x, stage="pre_logits")[0], pre)
+        torch.testing.assert_close(model.extract_feat(x, stage="pre_logits"), pre)
         torch.testing.assert_close(model(x), pre @ model.fc.weight.T + model.fc.bias)
     with pytest.raises(ValueError, match="stage"):
         model.extract_feat(x, stage="head")

@@ -1,0 +1,164 @@
+"""Run-time settings every script shares: device, mixed precision, torch.compile, workers.
+
+The amp choice is resolved to a torch.dtype once (resolve_amp) and passed around as such.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import shutil
+
+import torch
+from torch import nn
+
+__all__ = ["default_device", "resolve_amp", "amp_name", "autocast", "compile_available",
+           "maybe_compile", "available_cpus", "default_workers", "positive_int",
+           "non_negative_int", "add_common_args"]
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` as a torch.device; None means CUDA when available, else CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def _cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX on this x86 CPU (Linux /proc/cpuinfo); else bf16 is emulated."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_amp(amp: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a --amp value, decided once.
+
+    'auto' picks by measurement per device class:
+      * CUDA: float16 (with a GradScaler in training). On an H200, resnext50_32x4d trains at
+        4,446 images/s in fp16 vs 3,675 in bf16 (channels_last, batch 256): cuDNN's grouped
+        convolutions are faster in fp16; GPUs without bf16 have only fp16 anyway.
+      * CPU with AVX512-BF16 or AMX: bfloat16 (1.7-3.8x fp32 inference on a 2-core EPYC,
+        benchmarks/results_cpu.json). Other CPUs: None (fp32), since bf16 is emulated there.
+
+    Args:
+        amp: None (fp32), 'auto', 'bf16', 'fp16', or already a dtype.
+        device: where the model runs.
+    Returns:
+        torch.bfloat16, torch.float16 or None (fp32).
+    Raises:
+        ValueError: an unknown value.
+    """
+    if amp is None or isinstance(amp, torch.dtype):
+        return amp
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and _cpu_has_fast_bf16() else None
+    if amp not in _AMP_DTYPES:
+        raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or None, got {amp!r}")
+    return _AMP_DTYPES[amp]
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """'bf16', 'fp16' or 'fp32', for logs."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast(device.type, dtype), or a no-op context for None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def compile_available(device: torch.device) -> tuple[bool, str]:
+    """Whether torch.compile can run here: Inductor needs a C++ compiler (and Triton on
+    CUDA). Returns (ok, reason when not)."""
+    if not shutil.which(os.environ.get("CXX", "c++")) and not shutil.which("g++"):
+        return False, "no C++ compiler found"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return False, "Triton is not installed"
+    return True, ""
+
+
+def maybe_compile(model: nn.Module, device: torch.device, announce: bool = True,
+                  **compile_kwargs) -> nn.Module:
+    """torch.compile(model, **compile_kwargs) where compile_available, else the model
+    unchanged (saying so when announce)."""
+    ok, why = compile_available(device)
+    if ok:
+        return torch.compile(model, **compile_kwargs)
+    if announce:
+        print(f"--compile ignored: {why}; running eager")
+    return model
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, else os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(processes_per_node: int = 1, cap: int = 8) -> int:
+    """Data-loading workers per process: the CPUs shared among this node's processes,
+    at most `cap`, so that torch's "more workers than CPUs" warning never fires."""
+    return max(0, min(cap, available_cpus() // max(1, processes_per_node)))
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or less is an argument error, not a traceback)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def add_common_args(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
+    """The flags train.py, evaluate.py and predict.py share, with one meaning and default.
+
+    --model, --batch-size (images per process), --workers (default: the CPUs, at most 8),
+    --img-size, --device, --amp, --channels-last/--no-channels-last (on), --compile,
+    --max-image-pixels.
+    """
+    p = parser
+    p.add_argument("--model", default=None, help="factory or seed name (resnext50_32x4d, "
+                   "resnext50-32x4d_8xb32_in1k, ...); default: the checkpoint's own, else "
+                   "resnext50_32x4d")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help="images per process")
+    p.add_argument("--workers", type=non_negative_int, default=default_workers(),
+                   help="data-loading processes per process (default: this machine's CPUs, "
+                        "at most 8)")
+    p.add_argument("--img-size", type=positive_int, default=None,
+                   help="crop size in pixels; evaluation resizes to img-size/0.875 first. "
+                        "Default: the size stored with the weights, else 224")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; default cuda when "
+                   "available")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16"], default=None,
+                   help="autocast dtype; default fp32 (the reference numbers). auto: fp16 on "
+                        "CUDA (measured faster on H200), bf16 on CPUs with AVX512-BF16/AMX, "
+                        "else fp32")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory format (same results to float rounding, faster)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (needs a C++ compiler; pays off on long runs)")
+    p.add_argument("--max-image-pixels", type=non_negative_int, default=None,
+                   help="refuse images with more pixels than this (decompression-bomb guard); "
+                        "0 = no limit; default Pillow's 89,478,485")
