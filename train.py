@@ -10,21 +10,21 @@ at epochs 30/60/90, 100 epochs, RandomResizedCrop 224 + flip, validation every e
 `--data` holds train/ and val/ class folders, or mmpretrain's meta/train.txt and meta/val.txt
 (paths relative to train/ and val/), which are used when present.
 
-Sections, in reading order: args -> distributed setup -> data -> model -> optimizer/scheduler
--> resume -> epoch loop -> cleanup. Work dir: last.pth (every epoch), best.pth (best val
-top-1), log.jsonl (header, interval and epoch records). `--resume auto` continues from
-last.pth if there is one, which is what `torchrun --max-restarts=N` needs.
+Sections, in reading order: args -> data -> one epoch -> checkpoints -> main (distributed
+setup, model, optimizer/schedule, resume, epoch loop, cleanup). Work dir: last.pth (every
+epoch), best.pth (best val top-1), log.jsonl (header, interval and epoch records).
+`--resume auto` continues from last.pth if there is one, which is what
+`torchrun --max-restarts=N` needs.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
-import random
 import signal
 import sys
 import time
-import zlib
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -34,12 +34,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from evaluate import build_loader, evaluate
-from resnext.checkpoint import get_model, load_weights, read_checkpoint, save_checkpoint
-from resnext.data import (FastTrainTransform, build_dataset, eval_transform,
-                          imagenet_class_names, load_image, train_transform)
+from evaluate import build_loader, count_topk, evaluate, topk_for
+from resnext.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from resnext.data import (EpochTaggedSampler, FastTrainTransform, Preprocessing,
+                          SeededAugmentation, build_dataset, imagenet_class_names, load_image,
+                          set_max_image_pixels, train_transform)
 from resnext.distributed import cleanup_distributed, init_distributed
-from resnext.inference import autocast, maybe_compile, resolve_amp
+from resnext.inference import InferenceModel
+from resnext.pretrained import get_model
+from resnext.runtime import (add_common_args, amp_name, autocast, maybe_compile, positive_int,
+                             resolve_amp)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,51 +51,48 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="root with train/ and val/ (and optionally "
                    "meta/train.txt, meta/val.txt)")
-    p.add_argument("--model", default="resnext50_32x4d")
-    p.add_argument("--batch-size", type=int, default=32, help="images per process")
-    p.add_argument("--workers", type=int, default=4, help="data loading processes per rank")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=positive_int, default=100, help="epochs to train")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate for a total batch "
                    "of 256 (used as is unless --auto-scale-lr)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4,
+                   help="SGD weight decay, on all parameters (BN and biases included)")
     p.add_argument("--milestones", type=int, nargs="*", default=[30, 60, 90],
                    help="epochs at which lr is multiplied by --gamma")
-    p.add_argument("--gamma", type=float, default=0.1)
+    p.add_argument("--gamma", type=float, default=0.1, help="lr factor at each milestone")
     p.add_argument("--auto-scale-lr", action="store_true",
                    help="scale lr linearly by total batch / 256 (mmpretrain auto_scale_lr)")
-    p.add_argument("--accum-steps", type=int, default=1,
+    p.add_argument("--accum-steps", type=positive_int, default=1,
                    help="micro-batches per optimizer step (total batch = batch-size x "
                         "processes x accum-steps)")
-    p.add_argument("--img-size", type=int, default=224, help="train crop; validation "
-                   "resizes to img-size/0.875 and centre-crops img-size")
-    p.add_argument("--val-interval", type=int, default=1, help="validate every N epochs")
-    p.add_argument("--log-interval", type=int, default=100, help="steps between log records")
+    p.add_argument("--val-interval", type=positive_int, default=1, help="validate every N epochs")
+    p.add_argument("--log-interval", type=positive_int, default=100,
+                   help="optimizer steps between log records (and loss / NaN checks)")
     p.add_argument("--work-dir", default=None, help="default work_dirs/<model>")
     p.add_argument("--resume", default=None, metavar="PATH|auto",
                    help="continue a run from its checkpoint; 'auto': work-dir/last.pth if it "
                         "exists, else start fresh")
     p.add_argument("--load-from", default=None, help="initialise weights from any supported "
                    "checkpoint (the head is reset if the class count differs)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds init, data order and "
+                   "augmentation (drawn per sample from seed, epoch and sample index)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (bitwise-reproducible runs, slower on GPU)")
-    p.add_argument("--device", default=None, help="cpu, cuda; default cuda if present")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16"], default=None,
-                   help="autocast dtype (fp16 uses a GradScaler); auto: bf16 where the device "
-                        "runs it natively, else fp32 (CPU) / fp16 (older GPUs)")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile-mode", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune",
+                            "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--fast-decode", action="store_true",
                    help="training images: decode JPEGs at reduced scale when the crop allows "
-                        "and crop as uint8 tensors (same random crops/flips, ~1.5x faster per "
-                        "worker; resnext.data.FastTrainTransform)")
+                        "and crop as uint8 tensors (same random crops/flips; "
+                        "resnext.data.FastTrainTransform)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes "
                    "(the recipe uses per-process BN)")
     p.add_argument("--dist-timeout", type=float, default=1800,
                    help="seconds before a collective waiting on a dead peer fails")
     p.add_argument("--local-rank", "--local_rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # torch.distributed.launch compatibility
+    add_common_args(p)
     return p
 
 
@@ -131,15 +132,6 @@ def signals_held():
         raise Stopped(_signals["pending"])
 
 
-def seed_epoch(seed: int, rank: int, epoch: int) -> int:
-    """Seed Python and torch for one (rank, epoch): augmentation and shuffling depend only
-    on --seed, rank and epoch, so a resumed run replays an epoch exactly."""
-    s = seed + 1_000_003 * epoch + 7919 * rank
-    random.seed(s)
-    torch.manual_seed(s)
-    return s
-
-
 def plain(value):
     """args values as plain Python types (weights-only loadable)."""
     if isinstance(value, (list, tuple)):
@@ -147,24 +139,184 @@ def plain(value):
     return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
 
 
+# --- data ------------------------------------------------------------------------------------
+
 def build_datasets(root: Path, img_size: int, fast_decode: bool = False):
-    """train/val datasets from class folders, or meta/train.txt + meta/val.txt if present."""
+    """train/val datasets from class folders, or meta/train.txt + meta/val.txt if present.
+
+    Returns (train dataset, val dataset, class names, validation Preprocessing)."""
     ann_train, ann_val = root / "meta" / "train.txt", root / "meta" / "val.txt"
     # FastTrainTransform decodes from the path itself; the reference decodes with load_image.
     train_tf, train_loader = ((FastTrainTransform(img_size), str) if fast_decode
                               else (train_transform(img_size), load_image))
+    preprocessing = Preprocessing(crop_size=img_size)
+    val_tf = preprocessing.transform()
     if ann_train.is_file() and ann_val.is_file():
         train_ds = build_dataset(root / "train", ann_train, train_tf, loader=train_loader)
         num_classes = max(train_ds.targets) + 1
         classes = [str(i) for i in range(num_classes)]
         if num_classes == 1000:
             classes = imagenet_class_names()
-        val_ds = build_dataset(root / "val", ann_val, eval_transform(img_size))
+        val_ds = build_dataset(root / "val", ann_val, val_tf)
     else:
         train_ds = build_dataset(root / "train", None, train_tf, loader=train_loader)
         classes = list(train_ds.classes)
-        val_ds = build_dataset(root / "val", None, eval_transform(img_size), class_names=classes)
-    return train_ds, val_ds, classes
+        val_ds = build_dataset(root / "val", None, val_tf, class_names=classes)
+    return train_ds, val_ds, classes, preprocessing
+
+
+def build_train_loader(dataset, args, rank: int, world_size: int, pin_memory: bool):
+    """Shuffled, sharded, drop_last loader whose workers live for the whole run.
+
+    Each sample's augmentation is drawn from a generator seeded by (seed, epoch, sample
+    index) (SeededAugmentation), so an epoch replays exactly on resume whatever the number
+    of workers, and the workers need no reseeding between epochs."""
+    shards = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                seed=args.seed, drop_last=True)
+    sampler = EpochTaggedSampler(shards)
+    loader = DataLoader(SeededAugmentation(dataset, args.seed), batch_size=args.batch_size,
+                        sampler=sampler, num_workers=args.workers, drop_last=True,
+                        pin_memory=pin_memory, persistent_workers=args.workers > 0,
+                        prefetch_factor=4 if args.workers > 0 else None)
+    return loader, sampler
+
+
+# --- one epoch -------------------------------------------------------------------------------
+
+def train_one_epoch(model, loader, optimizer, scaler, criterion, epoch: int, steps: int,
+                    args, device: torch.device, amp: torch.dtype | None, world_size: int,
+                    log, is_main: bool) -> dict:
+    """One pass over `loader`: `steps` optimizer steps of `args.accum_steps` micro-batches.
+
+    The loss, the top-k hits and a non-finite counter stay on the device; they are read on
+    the host once per `--log-interval` steps (one synchronisation), where a NaN/inf loss on
+    any rank stops every rank together (NonFiniteLoss) before anything is saved.
+
+    Returns:
+        {'train_loss', 'train_top1', 'train_top{k}', 'train_images'}, summed over ranks.
+    """
+    model.train()
+    batches = iter(loader)
+    num_classes = None
+    epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, c1, ck
+    interval = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, n, non-finite
+    images_seen, data_time, start = 0, 0.0, time.perf_counter()
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
+               leave=False)
+    for step in range(steps):
+        for micro in range(args.accum_steps):
+            wait = time.perf_counter()
+            images, labels = next(batches)
+            data_time += time.perf_counter() - wait
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            # Skip DDP's gradient all-reduce on micro-batches that do not step.
+            last_micro = micro == args.accum_steps - 1
+            sync = model.no_sync() if world_size > 1 and not last_micro else nullcontext()
+            with sync:
+                with autocast(device, amp):
+                    logits = model(images)
+                loss = criterion(logits.float(), labels)
+                scaler.scale(loss / args.accum_steps).backward()
+            with torch.no_grad():
+                num_classes = logits.shape[1]
+                n = labels.shape[0]
+                loss = loss.detach().double()
+                epoch_sums[0] += loss * n
+                epoch_sums[1:] += count_topk(logits.detach(), labels, topk_for(num_classes))
+                interval += torch.stack([loss * n, torch.ones_like(loss) * n,
+                                         (~torch.isfinite(loss)).double()])
+            images_seen += n
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update()
+        if (step + 1) % args.log_interval == 0 or step + 1 == steps:
+            if world_size > 1:  # every rank learns of a NaN anywhere, and stops with the others
+                dist.all_reduce(interval)
+            loss_sum, n, nonfinite = interval.tolist()  # the one host synchronisation
+            lr = optimizer.param_groups[0]["lr"]
+            if nonfinite:
+                bar.close()
+                raise NonFiniteLoss(
+                    f"non-finite loss ({loss_sum / n}) at epoch {epoch + 1}, step {step + 1} "
+                    f"or before, lr {lr:g}; stopping. last.pth still holds the last completed "
+                    f"epoch")
+            elapsed = time.perf_counter() - start
+            record = {"type": "train", "epoch": epoch + 1, "iter": step + 1,
+                      "step": epoch * steps + step + 1, "lr": lr, "loss": loss_sum / n,
+                      "time": elapsed / (images_seen / (args.batch_size * args.accum_steps)),
+                      "data_time": data_time * args.batch_size * args.accum_steps / images_seen,
+                      "images_per_s": images_seen * world_size / elapsed}
+            log(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}",
+                            img_s=f"{record['images_per_s']:.1f}")
+            interval.zero_()
+            images_seen, data_time, start = 0, 0.0, time.perf_counter()
+    bar.close()
+    if world_size > 1:
+        dist.all_reduce(epoch_sums)
+    loss_sum, c1, ck = epoch_sums.tolist()
+    n = steps * args.accum_steps * args.batch_size * world_size
+    k = topk_for(num_classes)
+    return {"train_loss": loss_sum / n, "train_top1": 100 * c1 / n,
+            f"train_top{k}": 100 * ck / n, "train_images": n}
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+def resume_from(path: str, model, optimizer, scheduler, scaler, total_batch: int,
+                args) -> tuple[int, float, str]:
+    """Restore a run. The rule (mmpretrain's): the checkpoint's optimizer state wins, so the
+    lr and schedule continue as saved whatever --lr / --auto-scale-lr say now; a changed total
+    batch is announced, not silently rescaled.
+
+    Returns (next epoch, best top-1, a line saying what was resumed and the lr in use)."""
+    state = read_checkpoint(path).raw
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    lr = optimizer.param_groups[0]["lr"]
+    note = (f"resumed from {path}: next epoch {state['epoch'] + 1}, best top-1 "
+            f"{state['best_top1']:.2f}, lr {lr:g} (from the checkpoint")
+    saved_batch = state.get("meta", {}).get("total_batch")
+    if saved_batch is not None and saved_batch != total_batch:
+        note += (f"; warning: the total batch was {saved_batch} and is now {total_batch}, "
+                 f"the lr is not rescaled on resume")
+    elif args.lr != state.get("args", {}).get("lr", args.lr):
+        note += "; --lr is ignored on resume"
+    return state["epoch"], state["best_top1"], note + ")"
+
+
+def checkpoint_state(model, optimizer, scheduler, scaler, epoch: int, best_top1: float,
+                     record: dict, classes, preprocessing: Preprocessing, total_batch: int,
+                     args) -> dict:
+    """Our checkpoint layout: plain Python types and tensors only (weights-only loadable)."""
+    return {
+        "state_dict": model.state_dict(),
+        "meta": {"model": args.model, "classes": classes,
+                 "preprocessing": preprocessing.to_dict(), "total_batch": total_batch,
+                 "top1": record.get("accuracy/top1"), "torch_version": str(torch.__version__)},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch + 1,  # the next epoch to run (0-based)
+        "best_top1": best_top1,
+        "args": {k: plain(v) for k, v in vars(args).items()},
+    }
+
+
+def wrap_ddp(model, device: torch.device):
+    """DDP with per-process BN statistics, as the recipe (mmpretrain broadcast_buffers=False).
+    torch 2.14 renamed the option forward_sync_buffers (its buffers are still synced once at
+    init, which changes nothing here: every rank starts from the same weights)."""
+    ids = [device.index] if device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return DDP(model, device_ids=ids, forward_sync_buffers=False)
+    return DDP(model, device_ids=ids, broadcast_buffers=False)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -179,7 +331,10 @@ def main(args: argparse.Namespace) -> dict:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     else:
         torch.backends.cudnn.benchmark = True
+    set_max_image_pixels(args.max_image_pixels)
     amp = resolve_amp(args.amp, device)
+    args.model = args.model or "resnext50_32x4d"
+    img_size = args.img_size or 224
     work_dir = Path(args.work_dir or Path("work_dirs") / args.model)
     log_file = work_dir / "log.jsonl"
 
@@ -198,24 +353,22 @@ def main(args: argparse.Namespace) -> dict:
                 stale.unlink()
 
         # --- data --------------------------------------------------------------------------
-        train_ds, val_ds, classes = build_datasets(Path(args.data), args.img_size,
-                                                   args.fast_decode)
-        train_sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank,
-                                           shuffle=True, seed=args.seed, drop_last=True)
-        loader_rng = torch.Generator()
-        train_loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=train_sampler,
-                                  num_workers=args.workers, drop_last=True,
-                                  pin_memory=device.type == "cuda", generator=loader_rng,
-                                  persistent_workers=False)
-        val_loader = build_loader(val_ds, args.batch_size, args.workers, rank, world_size,
-                                  pin_memory=device.type == "cuda")
+        train_ds, val_ds, classes, preprocessing = build_datasets(
+            Path(args.data), img_size, args.fast_decode)
+        empty = getattr(train_ds, "empty_classes", [])
+        if empty and is_main:  # a class without training images still gets its output
+            print(f"train.py: warning: {len(empty)} class folders hold no training images: "
+                  f"{', '.join(empty[:10])}", file=sys.stderr)
+        pin = device.type == "cuda"
+        train_loader, train_sampler = build_train_loader(train_ds, args, rank, world_size, pin)
+        val_loader = build_loader(val_ds, args.batch_size, args.workers, rank, world_size, pin)
         steps_per_epoch = len(train_loader) // args.accum_steps
         if steps_per_epoch == 0:
             raise ValueError(f"{args.data}: {len(train_ds)} training images are fewer than one "
                              f"step of {args.batch_size} x {world_size} x {args.accum_steps}")
 
         # --- model -------------------------------------------------------------------------
-        seed_epoch(args.seed, 0, -1)  # the same initial weights on every rank
+        torch.manual_seed(args.seed)  # the same initial weights on every rank
         model = get_model(args.model, num_classes=len(classes))
         if args.load_from:
             ckpt = read_checkpoint(args.load_from)
@@ -232,11 +385,10 @@ def main(args: argparse.Namespace) -> dict:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         raw_model = model  # unwrapped: what checkpoints store (no module. prefix)
         if world_size > 1:
-            # Per-process BN statistics as the recipe (mmpretrain broadcast_buffers=False).
-            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        broadcast_buffers=False)
+            model = wrap_ddp(model, device)
         if args.compile:
-            model = maybe_compile(model, device, announce=is_main)
+            kwargs = {"mode": args.compile_mode} if args.compile_mode else {}
+            model = maybe_compile(model, device, announce=is_main, **kwargs)
 
         # --- optimizer and schedule --------------------------------------------------------
         total_batch = args.batch_size * world_size * args.accum_steps
@@ -244,7 +396,7 @@ def main(args: argparse.Namespace) -> dict:
         optimizer = torch.optim.SGD(raw_model.parameters(), lr=lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay)  # all params, BN included
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, args.gamma)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         criterion = torch.nn.CrossEntropyLoss()
 
         # --- resume ------------------------------------------------------------------------
@@ -253,104 +405,35 @@ def main(args: argparse.Namespace) -> dict:
         if resume == "auto":
             resume = str(work_dir / "last.pth") if (work_dir / "last.pth").is_file() else None
         if resume:
-            state = read_checkpoint(resume).raw
-            raw_model.load_state_dict(state["state_dict"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            start_epoch, best_top1 = state["epoch"], state["best_top1"]
+            start_epoch, best_top1, note = resume_from(resume, raw_model, optimizer, scheduler,
+                                                       scaler, total_batch, args)
             if is_main:
-                print(f"resumed from {resume}: next epoch {start_epoch + 1}, best top-1 "
-                      f"{best_top1:.2f}")
+                print(note)
+        lr = optimizer.param_groups[0]["lr"]  # what the next step uses
         log({"type": "header", "args": {k: plain(v) for k, v in vars(args).items()},
-             "world_size": world_size, "total_batch": total_batch, "lr": lr, "amp": amp,
-             "start_epoch": start_epoch, "torch": str(torch.__version__), "device": str(device),
-             "num_train": len(train_ds), "num_val": len(val_ds), "classes": len(classes)})
+             "world_size": world_size, "total_batch": total_batch, "lr": lr,
+             "amp": amp_name(amp), "start_epoch": start_epoch, "torch": str(torch.__version__),
+             "device": str(device), "num_train": len(train_ds), "num_val": len(val_ds),
+             "classes": len(classes)})
         if is_main:
             print(f"{args.model}: {len(train_ds)} train / {len(val_ds)} val images, "
                   f"{len(classes)} classes; {world_size} process(es) x {args.batch_size} x "
                   f"{args.accum_steps} accum = total batch {total_batch}, lr {lr:g}"
-                  f"{' (auto-scaled)' if args.auto_scale_lr else ''}; device {device}")
+                  f"{' (auto-scaled)' if args.auto_scale_lr and not resume else ''}; "
+                  f"{amp_name(amp)} on {device}")
 
         # --- epoch loop --------------------------------------------------------------------
         result = {}
         for epoch in range(start_epoch, args.epochs):
             epoch_start = time.perf_counter()
-            loader_rng.manual_seed(seed_epoch(args.seed, rank, epoch))
             train_sampler.set_epoch(epoch)
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, c1, c5, n
-            interval = {"loss": 0.0, "n": 0, "data": 0.0, "start": time.perf_counter()}
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                       disable=not is_main, leave=False)
-            data_start = time.perf_counter()
-            for micro, (images, labels) in enumerate(train_loader):
-                if micro >= steps_per_epoch * args.accum_steps:
-                    break
-                step, boundary = divmod(micro, args.accum_steps)
-                boundary = boundary == args.accum_steps - 1
-                interval["data"] += time.perf_counter() - data_start
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                if args.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                # Skip DDP's gradient all-reduce on micro-batches that do not step.
-                sync = model.no_sync() if (world_size > 1 and not boundary) else nullcontext()
-                with sync:
-                    with autocast(device, amp):
-                        logits = model(images)
-                        loss = criterion(logits.float(), labels)
-                    scaler.scale(loss / args.accum_steps).backward()
-                finite = torch.isfinite(loss.detach()).float()
-                if world_size > 1:  # every rank stops together, none waits on a dead peer
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if finite.item() == 0:
-                    bar.close()
-                    raise NonFiniteLoss(
-                        f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step "
-                        f"{step + 1}, lr {optimizer.param_groups[0]['lr']:g}; stopping. "
-                        f"{work_dir / 'last.pth'} still holds the last completed epoch")
-                if boundary:
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    n = labels.numel()
-                    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-                    sums += torch.stack([loss.detach().double() * n, top5[:, 0].sum(),
-                                         top5.any(1).sum(), torch.tensor(n, device=device)])
-                interval["loss"] += loss.item() * n
-                interval["n"] += n
-                if boundary:
-                    bar.update()
-                    global_step = epoch * steps_per_epoch + step + 1
-                    if (step + 1) % args.log_interval == 0 or step + 1 == steps_per_epoch:
-                        elapsed = time.perf_counter() - interval["start"]
-                        steps = interval["n"] / (args.batch_size * args.accum_steps)
-                        record = {"type": "train", "epoch": epoch + 1, "iter": step + 1,
-                                  "step": global_step, "lr": optimizer.param_groups[0]["lr"],
-                                  "loss": interval["loss"] / interval["n"],
-                                  "time": elapsed / steps, "data_time": interval["data"] / steps,
-                                  "images_per_s": interval["n"] * world_size / elapsed}
-                        log(record)
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
-                                        img_s=f"{record['images_per_s']:.1f}")
-                        interval = {"loss": 0.0, "n": 0, "data": 0.0,
-                                    "start": time.perf_counter()}
-                data_start = time.perf_counter()
-            bar.close()
+            record = {"type": "epoch", "epoch": epoch + 1}
+            record.update(train_one_epoch(model, train_loader, optimizer, scaler, criterion,
+                                          epoch, steps_per_epoch, args, device, amp,
+                                          world_size, log, is_main))
+            record["images_per_s"] = record["train_images"] / (time.perf_counter() - epoch_start)
+            record["lr"] = optimizer.param_groups[0]["lr"]
             scheduler.step()
-            if world_size > 1:
-                dist.all_reduce(sums)
-            loss_sum, c1, c5, n = sums.tolist()
-            train_time = time.perf_counter() - epoch_start
-            order = list(train_sampler)  # rank's sample order this epoch, fingerprinted
-            record = {"type": "epoch", "epoch": epoch + 1, "train_loss": loss_sum / n,
-                      "sample_order_crc32": zlib.crc32(str(order).encode()),
-                      "train_top1": 100 * c1 / n, "train_top5": 100 * c5 / n,
-                      "train_images": int(n), "images_per_s": n / train_time,
-                      "lr": optimizer.param_groups[0]["lr"]}
 
             if (epoch + 1) % args.val_interval == 0 or epoch + 1 == args.epochs:
                 if world_size > 1 and not args.sync_bn:
@@ -358,9 +441,12 @@ def main(args: argparse.Namespace) -> dict:
                     # equals evaluate.py on the saved checkpoint.
                     for buffer in raw_model.buffers():
                         dist.broadcast(buffer, src=0)
-                result = evaluate(raw_model, val_loader, device, amp, args.channels_last,
-                                  progress=is_main)
-                record.update({"accuracy/top1": result["top1"], "accuracy/top5": result["top5"],
+                evaluator = InferenceModel(raw_model, device, amp, args.channels_last,
+                                           preprocessing, classes, len(classes), args.model)
+                result = evaluate(evaluator, val_loader, progress=is_main)
+                k = result["k"]
+                record.update({"accuracy/top1": result["top1"],
+                               f"accuracy/top{k}": result[f"top{k}"],
                                "val_loss": result["loss"], "val_images": result["num_images"]})
             record["epoch_time"] = time.perf_counter() - epoch_start
             is_best = "accuracy/top1" in record and record["accuracy/top1"] > best_top1
@@ -369,28 +455,19 @@ def main(args: argparse.Namespace) -> dict:
 
             # Checkpoint: rank 0, epoch ends only, written atomically.
             if is_main:
-                checkpoint = {
-                    "state_dict": raw_model.state_dict(),
-                    "meta": {"model": args.model, "classes": classes, "epoch": epoch + 1,
-                             "img_size": args.img_size, "top1": record.get("accuracy/top1"),
-                             "torch_version": str(torch.__version__)},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    # Per-epoch reseeding (seed_epoch) makes resume exact; kept for inspection.
-                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                    "epoch": epoch + 1,  # the next epoch to run (0-based)
-                    "best_top1": best_top1,
-                    "args": {k: plain(v) for k, v in vars(args).items()},
-                }
+                state = checkpoint_state(raw_model, optimizer, scheduler, scaler, epoch,
+                                         best_top1, record, classes, preprocessing,
+                                         total_batch, args)
                 with signals_held():
-                    save_checkpoint(checkpoint, work_dir / "last.pth")
+                    save_checkpoint(state, work_dir / "last.pth")
                     if is_best:
-                        save_checkpoint(checkpoint, work_dir / "best.pth")
+                        save_checkpoint(state, work_dir / "best.pth")
                     log(record)
-                val = (f"  val top-1 {record['accuracy/top1']:.2f} top-5 "
-                       f"{record['accuracy/top5']:.2f} ({record['val_images']} images)"
-                       if "accuracy/top1" in record else "")
+                val = ""
+                if "accuracy/top1" in record:
+                    k = result["k"]
+                    val = (f"  val top-1 {record['accuracy/top1']:.2f} top-{k} "
+                           f"{record[f'accuracy/top{k}']:.2f} ({record['val_images']} images)")
                 print(f"epoch {epoch + 1}/{args.epochs}: train loss {record['train_loss']:.4f} "
                       f"top-1 {record['train_top1']:.2f}{val}  lr {record['lr']:.3g}  "
                       f"{record['images_per_s']:.1f} img/s  {record['epoch_time']:.1f}s",

@@ -3,16 +3,22 @@
     python benchmarks/bench.py                       # CPU, all sections, about 10 minutes on 2 cores
     python benchmarks/bench.py --device cuda --compile --json bench_cuda.json
     python benchmarks/bench.py --sections pipeline coldstart --quick
+    python benchmarks/bench.py --device cuda --compile --sections train e2e inference   # one H200, ~8 min
 
 Every number is a median over --repeats timed runs after --warmup untimed ones, and every
 "ratio" divides our images/second (or seconds, or bytes) by the reference's from this same
 process, on this machine, right before or after. References:
   inference / train step: torchvision.models.resnext50_32x4d in a plain fp32 NCHW loop
   input pipeline:         torchvision ImageFolder + PIL + RandomResizedCrop/flip/ToTensor/Normalize
-  cold start / memory:    the same job written with torchvision and torch.load
-Our fast paths are the scripts' opt-in options: predict.py/evaluate.py --amp auto --fuse-bn
-(channels_last is their default), train.py --amp auto --channels-last (--compile) and
---fast-decode. This is a benchmark, not a test: nothing here fails on a slow machine.
+  cold start / memory:    the same job written with torchvision and torch.load, and a bare
+                          `python -c "import torch"` (predict.py's floor)
+  end to end (e2e):       train.py on an ImageNet-like JPEG folder made from shared/data photos
+                          (short side 375, replicated), steady-state images/s from its log,
+                          and its data loader alone, against the pure train steps of
+                          torchvision fp32 NCHW and AMP fp16 at the same batch
+Our fast paths are the scripts' opt-in options: predict.py/evaluate.py --amp auto (--fuse-bn
+on CPU; channels_last is the default), train.py --amp auto (--compile) and --fast-decode.
+This is a benchmark, not a test: nothing here fails on a slow machine.
 """
 from __future__ import annotations
 
@@ -35,10 +41,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import resnext  # noqa: E402
-from resnext.data import (ClassFolderDataset, FastTrainTransform, eval_transform,  # noqa: E402
-                          find_images, load_image)
-from resnext.inference import (autocast, compile_available, fuse_bn,  # noqa: E402
-                               maybe_compile, resolve_amp)
+from resnext.data import (ClassFolderDataset, EpochTaggedSampler, FastTrainTransform,  # noqa: E402
+                          SeededAugmentation, eval_transform, list_images, load_image)
+from resnext.inference import fuse_bn  # noqa: E402
+from resnext.runtime import (amp_name, autocast, compile_available, maybe_compile,  # noqa: E402
+                             resolve_amp)
 
 NORMALIZE = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -57,10 +64,11 @@ def get_args() -> argparse.Namespace:
                    help="shared/data folder (hymenoptera_data, demo, imagenet_samples)")
     p.add_argument("--sections", nargs="+",
                    default=["inference", "train", "pipeline", "coldstart"],
-                   choices=["inference", "train", "pipeline", "coldstart"])
+                   choices=["inference", "train", "pipeline", "coldstart", "e2e"])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--train-batch", type=int, default=None, help="default 16 CPU / 256 GPU")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed runs (compiled variants get 10 more)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="add torch.compile to our fast paths")
     p.add_argument("--checkpoint", default=None,
@@ -123,7 +131,7 @@ def header(device: torch.device) -> dict:
     info = {"torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(), "cpu": cpu, "cpu_flags": flags,
             "cpu_threads": torch.get_num_threads(), "device": str(device),
-            "amp_auto": resolve_amp("auto", device)}
+            "amp_auto": amp_name(resolve_amp("auto", device))}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -138,7 +146,9 @@ def row(name: str, images_per_s: float, reference: float, extra: str = "") -> di
 # --- 1. inference ---------------------------------------------------------------------------
 
 def fast_inference_model(model, device, use_compile):
-    fast = fuse_bn(model).to(memory_format=torch.channels_last)
+    """evaluate.py's fast path: BN folded on CPU only (slower on CUDA eager), channels_last."""
+    fast = fuse_bn(model) if device.type == "cpu" else model
+    fast = fast.to(memory_format=torch.channels_last)
     return maybe_compile(fast, device) if use_compile else fast
 
 
@@ -151,9 +161,10 @@ def bench_inference(args, device) -> dict:
     fast = fast_inference_model(ours, device, False)
     variants = [("torchvision fp32 NCHW (reference)", reference, None, False),
                 ("resnext fp32 NCHW (same settings)", ours, None, False),
-                (f"resnext fast: {amp or 'fp32'} + fuse-bn + channels_last", fast, amp, True)]
+                (f"resnext fast: {amp_name(amp)} + channels_last"
+                 f"{' + fuse-bn' if device.type == 'cpu' else ''}", fast, amp, True)]
     if device.type == "cuda":
-        variants.insert(1, ("torchvision AMP fp16 NCHW", reference, "fp16", False))
+        variants.insert(1, ("torchvision AMP fp16 NCHW", reference, torch.float16, False))
     if args.compile and compile_available(device)[0]:
         variants.append(("resnext fast + torch.compile (evaluate.py --compile)",
                          fast_inference_model(ours, device, True), amp, True))
@@ -170,8 +181,8 @@ def bench_inference(args, device) -> dict:
                     model(xx)
 
             steps.append(step)
-        # Compiled variants compile on their first calls: two more warm-ups for everyone.
-        seconds = interleaved_medians(steps, device, args.warmup + 2 * args.compile,
+        # Compiled variants compile and autotune on their first calls: 10 more warm-ups.
+        seconds = interleaved_medians(steps, device, args.warmup + 10 * args.compile,
                                       args.repeats)
         base = batch / seconds[0]
         for (name, *_), s in zip(variants, seconds):
@@ -180,19 +191,31 @@ def bench_inference(args, device) -> dict:
     return {"results": results, "agreement": agreement}
 
 
+def randomize_bn(model: torch.nn.Module, seed: int) -> None:
+    """Random BN affine parameters and statistics (scale near 1), so that random-weight
+    logits are decisive enough for a top-1 agreement count."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+
+
 def top1_agreement(args, device, ours, amp) -> dict:
     """Fast path vs our fp32 path on real photos: top-1 agreement and max probability gap."""
     if args.checkpoint:
         ours = resnext.get_model(pretrained=args.checkpoint).to(device)
         source = args.checkpoint
     else:
-        sys.path.insert(0, str(REPO / "tests"))
-        from conftest import randomize_
-        randomize_(ours, seed=0)
+        randomize_bn(ours, seed=0)
         source = "random weights, randomised BN statistics"
     fast = fast_inference_model(ours, device, False)
-    paths = (find_images(args.data / "hymenoptera_data" / "val")
-             + find_images(args.data / "demo") + find_images(args.data / "imagenet_samples"))
+    paths = (list_images(args.data / "hymenoptera_data" / "val").paths
+             + list_images(args.data / "demo").paths
+             + list_images(args.data / "imagenet_samples").paths)
     tf = eval_transform()
     same, max_gap = 0, 0.0
     for i in range(0, len(paths), 16):
@@ -219,16 +242,26 @@ def bench_train(args, device) -> list:
     x = torch.rand(batch, 3, 224, 224, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     amp = resolve_amp("auto", device)
+    results = train_steps(args, device, batch, amp)
+    return results
+
+
+def train_steps(args, device, batch: int, amp) -> list:
+    """Pure train-step images/s: torchvision fp32 NCHW (reference), torchvision AMP fp16 NCHW
+    (CUDA), ours as train.py runs it (--amp auto, channels_last), and compiled."""
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
     variants = [("torchvision fp32 NCHW (reference)", torchvision.models.resnext50_32x4d(),
                  None, False, False),
-                (f"train.py --amp auto ({amp or 'fp32'}) --channels-last",
+                (f"train.py --amp auto ({amp_name(amp)}), channels_last",
                  resnext.resnext50_32x4d(), amp, True, False)]
     if device.type == "cuda":
         variants.insert(1, ("torchvision AMP fp16 NCHW", torchvision.models.resnext50_32x4d(),
-                            "fp16", False, False))
+                            torch.float16, False, False))
     if args.compile and compile_available(device)[0]:
-        variants.append(("train.py --amp auto --channels-last --compile",
-                         resnext.resnext50_32x4d(), amp, True, True))
+        variants.append(("train.py --amp auto --compile", resnext.resnext50_32x4d(), amp,
+                         True, True))
     steps = []
     for name, model, variant_amp, channels_last, use_compile in variants:
         model = model.to(device).train()
@@ -236,7 +269,7 @@ def bench_train(args, device) -> list:
             model = model.to(memory_format=torch.channels_last)
         xx = x.contiguous(memory_format=torch.channels_last) if channels_last else x
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-        scaler = torch.amp.GradScaler(device.type, enabled=variant_amp == "fp16")
+        scaler = torch.amp.GradScaler(device.type, enabled=variant_amp == torch.float16)
         run = torch.compile(model) if use_compile else model
 
         def step(run=run, xx=xx, variant_amp=variant_amp, optimizer=optimizer, scaler=scaler):
@@ -248,9 +281,9 @@ def bench_train(args, device) -> list:
             optimizer.zero_grad(set_to_none=True)
 
         steps.append(step)
-    seconds = interleaved_medians(steps, device, args.warmup + 2 * args.compile, args.repeats)
-    results = [row(name, batch / s, batch / seconds[0]) for (name, *_), s in zip(variants, seconds)]
-    return results
+    seconds = interleaved_medians(steps, device, args.warmup + 10 * args.compile, args.repeats)
+    return [{"batch": batch, **row(name, batch / s, batch / seconds[0])}
+            for (name, *_), s in zip(variants, seconds)]
 
 
 # --- 3. input pipeline --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import functools
 import io
 import math
 import os
+import random
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -26,9 +27,11 @@ from torchvision import datasets
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "ImageReadError", "load_image",
-    "Preprocessing", "EvalTransform", "eval_transform", "train_transform", "imagenet_wnids", "imagenet_class_names",
+    "Preprocessing", "EvalTransform", "eval_transform", "train_transform", "imagenet_wnids",
+    "imagenet_class_names",
     "ClassFolderDataset", "AnnotationFileDataset", "UnpaddedDistributedSampler",
     "find_images", "folder_class_mapping", "build_dataset", "FastTrainTransform",
+    "SeededAugmentation", "EpochTaggedSampler", "sample_seed",
 ]
 
 # mmpretrain's mean (123.675, 116.28, 103.53) and std (58.395, 57.12, 57.375) on the 0-255
@@ -497,3 +500,55 @@ def build_dataset(root: str | os.PathLike, ann_file: str | os.PathLike | None = 
                                      loader=loader)
     mapping = folder_class_mapping(root, class_names, num_classes)
     return ClassFolderDataset(root, transform, class_to_idx=mapping, loader=loader)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one training sample's augmentation: a fixed mix of (seed, epoch, index)."""
+    return (seed * 1_000_003 + epoch) * 2_147_483_647 + index & (2**63 - 1)
+
+
+class SeededAugmentation(Dataset):
+    """Training samples whose random augmentation depends only on (seed, epoch, index).
+
+    Indexed by (epoch, index) pairs (from EpochTaggedSampler): torch's and Python's RNGs
+    are seeded with sample_seed(seed, epoch, index) before the sample is loaded, so the crop
+    and flip of every image are the same whichever worker process draws it, however many
+    workers there are, and after a resume; loader workers can therefore live across epochs.
+
+    Args:
+        dataset: a map-style dataset whose transform draws from torch's (or Python's) RNG.
+        seed: the run's --seed.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        seed = sample_seed(self.seed, epoch, index)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        return self.dataset[index]
+
+
+class EpochTaggedSampler(Sampler[tuple[int, int]]):
+    """Wraps an index sampler (DistributedSampler) to yield (epoch, index) pairs for
+    SeededAugmentation; set_epoch reaches the wrapped sampler too."""
+
+    def __init__(self, sampler: Sampler[int]):
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)

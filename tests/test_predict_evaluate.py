@@ -215,7 +215,8 @@ def test_evaluate_matches_independent_count(tmp_path, ants_bees_checkpoint, inde
     assert result["top1"] == pytest.approx(100 * hits / 153)
     assert 0 < hits < 153  # a real test: predictions are neither all right nor all wrong
     summary = json.loads((tmp_path / "r.json").read_text())
-    assert summary == {"top1": result["top1"], "top5": 100.0, "num_images": 153,
+    # Two classes: "top-5" is top-2 (always 100%), and is named so.
+    assert summary == {"top1": result["top1"], "top2": 100.0, "k": 2, "num_images": 153,
                        "model": "resnext50_32x4d", "checkpoint": str(ants_bees_checkpoint)}
 
     # The annotation-file layout gives the same numbers (labels as ImageFolder's order).

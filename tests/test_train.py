@@ -80,11 +80,10 @@ def test_resume_equals_uninterrupted(tmp_path, three_epochs):
                                              work / "last.pth")])
     assert "resumed from" in res.stdout and "next epoch 3" in res.stdout
     assert_same_state(weights(work / "last.pth"), weights(three_epochs / "last.pth"))
-    # The sample order differs between epochs and is replayed exactly on resume.
+    # Every epoch's losses are replayed exactly on resume.
     ref = [r for r in read_log(three_epochs) if r["type"] == "epoch"]
     got = [r for r in read_log(work) if r["type"] == "epoch"]
-    assert len({r["sample_order_crc32"] for r in ref}) == 3
-    assert [r["sample_order_crc32"] for r in got] == [r["sample_order_crc32"] for r in ref]
+    assert len({r["train_loss"] for r in ref}) == 3
     assert [r["train_loss"] for r in got] == [r["train_loss"] for r in ref]
 
 
@@ -195,7 +194,9 @@ def test_torchrun_two_processes(two_process_run, tmp_path):
         assert {"loss", "lr", "images_per_s", "data_time", "time", "step"} <= set(r)
     assert all(r["val_images"] == 153 for r in epochs)  # each val image once, not 154
     assert all(r["train_images"] == 224 for r in epochs)
-    assert epochs[0]["sample_order_crc32"] != epochs[1]["sample_order_crc32"]
+    assert epochs[0]["train_loss"] != epochs[1]["train_loss"]
+    # Per-process BN statistics without torch 2.14's broadcast_buffers deprecation warning.
+    assert "broadcast_buffers" not in res.stderr and "FutureWarning" not in res.stderr
 
     # Validation during training equals evaluate.py on the saved checkpoint.
     import evaluate
@@ -205,7 +206,7 @@ def test_torchrun_two_processes(two_process_run, tmp_path):
     result = evaluate.main(args)
     assert result["num_images"] == 153
     assert result["top1"] == pytest.approx(epochs[-1]["accuracy/top1"])
-    assert result["top5"] == pytest.approx(epochs[-1]["accuracy/top5"])
+    assert result["k"] == 2 and result["top2"] == pytest.approx(epochs[-1]["accuracy/top2"])
 
 
 def _children(pid):
