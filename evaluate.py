@@ -163,7 +163,8 @@ def describe_mapping(dataset, model: InferenceModel) -> str | None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    set_max_image_pixels(args.max_image_pixels)
+    if args.max_image_pixels is not None:
+        set_max_image_pixels(args.max_image_pixels)
     info = init_distributed(args.device)
     try:
         model = load_for_inference(args.model, args.checkpoint, info.device, amp=args.amp,

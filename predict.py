@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -40,21 +41,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def collect_paths(inputs: list[str]) -> tuple[list[Path], dict[str, int]]:
-    """Files as given, folders expanded to the images inside (sorted). A missing path is
-    kept so that it is reported like any other unreadable file. Returns the paths and the
-    entries skipped in folders, by reason."""
+def collect_paths(inputs: list[str]) -> tuple[list[Path], Counter]:
+    """Files as given, folders expanded to the images inside (resnext.data.list_images). A
+    missing path is kept so that it is reported like any other unreadable file. Returns the
+    paths and the entries skipped in folders, counted by reason."""
     paths: list[Path] = []
-    skipped: dict[str, int] = {}
+    skipped: Counter = Counter()
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            listing = list_images(path)
-            paths.extend(listing.paths)
-            for reason, count in listing.skipped.items():
-                skipped[reason] = skipped.get(reason, 0) + count
-        else:
-            paths.append(path)
+        paths.extend(list_images(path, skipped) if path.is_dir() else [path])
     return paths, skipped
 
 
@@ -71,7 +66,8 @@ def _json_target(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> int:
     """Run predictions; returns the exit status (0 all answered, 1 some files failed)."""
-    set_max_image_pixels(args.max_image_pixels)
+    if args.max_image_pixels is not None:
+        set_max_image_pixels(args.max_image_pixels)
     device = default_device(args.device)
     out = _json_target(args)
     model = load_for_inference(args.model, args.checkpoint, device, amp=args.amp,

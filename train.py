@@ -331,7 +331,8 @@ def main(args: argparse.Namespace) -> dict:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     else:
         torch.backends.cudnn.benchmark = True
-    set_max_image_pixels(args.max_image_pixels)
+    if args.max_image_pixels is not None:
+        set_max_image_pixels(args.max_image_pixels)
     amp = resolve_amp(args.amp, device)
     args.model = args.model or "resnext50_32x4d"
     img_size = args.img_size or 224

@@ -213,9 +213,8 @@ def top1_agreement(args, device, ours, amp) -> dict:
         randomize_bn(ours, seed=0)
         source = "random weights, randomised BN statistics"
     fast = fast_inference_model(ours, device, False)
-    paths = (list_images(args.data / "hymenoptera_data" / "val").paths
-             + list_images(args.data / "demo").paths
-             + list_images(args.data / "imagenet_samples").paths)
+    paths = [p for folder in ("hymenoptera_data/val", "demo", "imagenet_samples")
+             for p in list_images(args.data / folder)]
     tf = eval_transform()
     same, max_gap = 0, 0.0
     for i in range(0, len(paths), 16):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .data import Preprocessing, load_image
+from .data import Preprocessing, load_image, to_rgb8
 from .pretrained import get_model, preprocessing_of
 from .checkpoint import read_checkpoint
 from .runtime import autocast, maybe_compile, resolve_amp
@@ -157,7 +157,7 @@ def inference_model(model: nn.Module | str, image: str | os.PathLike | Image.Ima
         model = InferenceModel(model, device, None, False,
                                getattr(model, "preprocessing", None),
                                getattr(model, "class_names", None))
-    pil = load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
+    pil = to_rgb8(image) if isinstance(image, Image.Image) else load_image(image)
     x = model.preprocessing.transform()(pil).unsqueeze(0)
     scores = model.classify(x)[0].cpu()
     label = int(scores.argmax())
