@@ -122,11 +122,17 @@ def _on_signal(signum, frame):
 
 @contextmanager
 def signals_held():
-    """Hold SIGTERM/SIGINT back for the block (checkpoint writes), then act on them."""
+    """Hold SIGTERM/SIGINT back for the block (checkpoint writes), then act on them.
+
+    SIGCHLD too: a signal sent to the whole process group (Ctrl-C, torchrun stopping a group)
+    also ends the persistent loader workers, and torch's SIGCHLD handler would raise in the
+    middle of the write; the dead workers are still noticed at the next batch."""
     _signals["held"] = True
+    sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         yield
     finally:
+        signal.signal(signal.SIGCHLD, sigchld)
         _signals["held"] = False
     if _signals["pending"] is not None:
         raise Stopped(_signals["pending"])

@@ -269,3 +269,34 @@ def test_fast_options_train_and_validate(tmp_path):
     assert len(epoch) == 1 and epoch[0]["val_images"] == 153 and epoch[0]["train_images"] == 240
     assert all(map(lambda v: v == v, (epoch[0]["train_loss"], epoch[0]["val_loss"])))  # no NaN
     assert "epoch 1/1:" in res.stdout
+
+
+def test_worker_count_does_not_change_the_run(tmp_path):
+    # Augmentation is drawn per sample from (seed, epoch, index): 0 or 2 loader workers
+    # (persistent across epochs) train bitwise-identical weights.
+    runs = {}
+    for workers in (0, 2):
+        work = tmp_path / f"w{workers}"
+        run_ok([sys.executable, *train_cmd(work, "--epochs", "2", "--val-interval", "2",
+                                           workers=workers)])
+        runs[workers] = weights(work / "last.pth")
+    assert_same_state(runs[0], runs[2])
+
+
+def test_resume_with_another_batch_keeps_and_announces_the_lr(tmp_path):
+    # The rule: the checkpoint's optimizer state (lr and schedule) wins; a changed total batch
+    # is announced, and what is printed and logged is the lr every step then uses.
+    work = tmp_path / "h"
+    run_ok([sys.executable, *train_cmd(work, "--epochs", "1", "--auto-scale-lr")])
+    saved_lr = 0.01 * 16 / 256  # --lr 0.01 scaled to a total batch of 16
+    assert weights(work / "last.pth")["optimizer"]["param_groups"][0]["lr"] == saved_lr
+    res = run_ok([sys.executable, *train_cmd(work, "--epochs", "2", "--auto-scale-lr",
+                                             "--batch-size", "8", "--resume", "auto")])
+    assert f"lr {saved_lr:g} (from the checkpoint" in res.stdout
+    assert "total batch was 16 and is now 8" in res.stdout
+    assert f"total batch 8, lr {saved_lr:g}" in res.stdout
+    log = read_log(work)
+    assert log[-1]["type"] == "epoch" and log[-1]["lr"] == saved_lr
+    assert [r["lr"] for r in log if r["type"] == "header"] == [saved_lr, saved_lr]
+    assert all(r["lr"] == saved_lr for r in log if r["type"] == "train")
+    assert weights(work / "last.pth")["optimizer"]["param_groups"][0]["lr"] == saved_lr
