@@ -10,19 +10,29 @@ Supported inputs (all read with map_location='cpu' and weights-only unpickling):
     callable (not even builtins.getattr) ever runs;
   * torchvision and timm ResNeXt state dicts (.pth, .bin, or .safetensors with the safetensors
     package), torchvision-references checkpoints ({'model': ...}), our own train.py files;
-  * any of those with one or more `module.` (DDP) or `_orig_mod.` (torch.compile) prefixes.
+  * any of those with one or more `module.` (DDP) or `_orig_mod.` (torch.compile) prefixes;
+  * any of those with an EMA copy beside the weights (mmcls 0.x `ema_*` keys, mmengine's
+    `ema_state_dict`): the main keys are loaded, the copy skipped and named in the format;
+  * tensors of any floating dtype (float16/bfloat16 exports, float64): load_weights casts
+    them to the model's dtype, so a model built from a file is float32 unless asked otherwise;
+  * numpy arrays instead of tensors (`{k: ndarray}` exporters): numpy's pickle globals are
+    bound to stand-ins that rebuild the array from its bytes as a tensor, without numpy.
+detect_architecture tells from keys and shapes which model a state dict holds, so a file of
+another architecture is named in one line and get_model(pretrained=file) can build it.
 Anything else is a ValueError naming the file; a pickle that wants to run code is refused.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
 import re
+import sys
 import tempfile
 import urllib.error
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
@@ -31,10 +41,11 @@ import torch
 from torch import nn
 
 from .data import imagenet_class_names
+from .model import STAGE_BLOCKS, ResNeXt
 
 __all__ = [
     "Checkpoint", "LoadReport", "read_checkpoint", "convert_state_dict", "load_weights",
-    "download_weights", "export_openmmlab", "save_checkpoint",
+    "download_weights", "export_openmmlab", "save_checkpoint", "Arch", "detect_architecture",
 ]
 
 # torch.hub's convention: '<name>-<first hex digits of sha256>.<ext>'.
@@ -44,8 +55,8 @@ _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
 # --- weights-only unpickling with inert stand-ins -------------------------------------------
 
 class _Inert:
-    """Stand-in for a foreign object (mmengine HistoryBuffer, numpy array/dtype/scalar, ...)
-    met while unpickling: built from anything, keeps nothing, runs nothing."""
+    """Stand-in for a foreign object (mmengine HistoryBuffer, argparse Namespace, ...) met
+    while unpickling: built from anything, keeps nothing, runs nothing."""
 
     def __new__(cls, *args, **kwargs):
         return object.__new__(cls)
@@ -61,21 +72,156 @@ class _Inert:
 
 
 def _inert_call(*args, **kwargs) -> _Inert:
-    """Stand-in for foreign callables (numpy's _reconstruct/scalar, builtins.getattr)."""
+    """Stand-in for foreign callables (builtins.getattr of a pickled bound method)."""
     return _Inert()
 
 
-_FOREIGN_CLASSES = [
-    "mmengine.logging.history_buffer.HistoryBuffer",
-    "numpy.ndarray", "numpy.dtype", "argparse.Namespace",
-]
-_FOREIGN_CALLABLES = [
-    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
-    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
-    "builtins.getattr",
-]
-_STAND_INS = ([(_Inert, n) for n in _FOREIGN_CLASSES]
-              + [(_inert_call, n) for n in _FOREIGN_CALLABLES])
+# numpy arrays without numpy. An array pickles (protocol 2, torch.save's) as
+#   _reconstruct(ndarray, (0,), b'b') then BUILD (version, shape, dtype, fortran, raw bytes),
+# a dtype as dtype('f4', False, True) then BUILD (version, byte order, ...), a numpy scalar as
+# scalar(dtype, raw bytes). The stand-ins below keep those plain values and rebuild a tensor
+# from the bytes with torch.frombuffer; nothing of numpy is imported or called.
+_NUMPY_TO_TORCH = {
+    "f2": torch.float16, "f4": torch.float32, "f8": torch.float64,
+    "i1": torch.int8, "i2": torch.int16, "i4": torch.int32, "i8": torch.int64,
+    "u1": torch.uint8, "u2": torch.uint16, "u4": torch.uint32, "u8": torch.uint64,
+    "b1": torch.bool, "c8": torch.complex64, "c16": torch.complex128,
+}
+
+
+class _NumpyDtype:
+    """Stand-in for numpy.dtype: keeps the type code ('f4') and byte order ('<', '>')."""
+
+    def __init__(self, code: Any = "", align: Any = False, copy: Any = False):
+        self.code = code if isinstance(code, str) else "?"
+        self.byteorder = "="
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, byteorder, subarray, names, fields, elsize, alignment, flags)
+        if not isinstance(state, tuple) or len(state) < 5:
+            self.code = "?"
+            return
+        if state[1] in ("<", ">", "=", "|"):
+            self.byteorder = state[1]
+        if state[2] is not None or state[3] is not None:  # sub-array or structured dtype
+            self.code = "structured"
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return _NUMPY_TO_TORCH.get(self.code)
+
+    def __repr__(self) -> str:
+        return f"<numpy dtype {self.code}>"
+
+
+def _tensor_from_numpy_bytes(raw: Any, dtype: Any, shape: Any,
+                             fortran: Any = False) -> torch.Tensor | None:
+    """A tensor from a pickled numpy array's raw bytes, or None when it cannot be one
+    (object, string or structured dtype, inconsistent sizes)."""
+    if not isinstance(dtype, _NumpyDtype) or dtype.torch_dtype is None:
+        return None
+    if not isinstance(raw, (bytes, bytearray)) or not isinstance(shape, tuple):
+        return None
+    if not all(isinstance(n, int) and n >= 0 for n in shape):
+        return None
+    torch_dtype = dtype.torch_dtype
+    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    numel = 1
+    for n in shape:
+        numel *= n
+    if numel * itemsize != len(raw):
+        return None
+    if numel == 0:
+        return torch.empty(shape, dtype=torch_dtype)
+    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    stored = {"<": "little", ">": "big"}.get(dtype.byteorder, sys.byteorder)
+    if itemsize > 1 and stored != sys.byteorder:
+        flat = flat.view(-1, itemsize).flip(1).reshape(-1)
+    values = flat.view(torch_dtype)
+    if fortran is True and len(shape) > 1:  # column-major bytes: build transposed, turn back
+        return values.reshape(shape[::-1]).permute(*reversed(range(len(shape)))).contiguous()
+    return values.reshape(shape)
+
+
+class _NumpyArray:
+    """Stand-in for numpy.ndarray: rebuilds the array as a tensor from its pickled bytes
+    (`tensor`); an array that cannot be a tensor (object/str dtype) keeps None there."""
+
+    def __init__(self, *args, **kwargs):
+        self.tensor: torch.Tensor | None = None
+        self.dtype = "?"
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 5:  # (version, shape, dtype, fortran, raw)
+            state = state[1:]
+        if not isinstance(state, tuple) or len(state) != 4:
+            return
+        shape, dtype, fortran, raw = state
+        self.dtype = dtype.code if isinstance(dtype, _NumpyDtype) else "?"
+        self.tensor = _tensor_from_numpy_bytes(raw, dtype, shape, fortran)
+
+    def __repr__(self) -> str:
+        return f"<numpy array of dtype {self.dtype}, not converted>"
+
+
+def _numpy_reconstruct(*args, **kwargs) -> _NumpyArray:
+    """Stand-in for numpy's multiarray._reconstruct: an empty array that BUILD fills."""
+    return _NumpyArray()
+
+
+def _numpy_scalar(dtype: Any = None, raw: Any = None, *args) -> Any:
+    """Stand-in for numpy's multiarray.scalar: the Python number, else an inert object."""
+    value = _tensor_from_numpy_bytes(raw, dtype, ())
+    return value.item() if value is not None else _Inert()
+
+
+def _empty_bytes(*args) -> Any:
+    """Stand-in for builtins.bytes, which protocol 2 calls with no argument for b'' (the
+    data of an empty array); any argument (bytes(n) would allocate n bytes) gives nothing."""
+    return _Inert() if args else b""
+
+
+def _numpy_arrays_to_tensors(obj: Any, seen: set[int] | None = None) -> Any:
+    """Replace every converted numpy stand-in inside dicts, lists and tuples by its tensor."""
+    if isinstance(obj, _NumpyArray):
+        return obj.tensor if obj.tensor is not None else obj
+    if not isinstance(obj, (dict, list, tuple)):
+        return obj
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return obj
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            obj[key] = _numpy_arrays_to_tensors(value, seen)
+    elif isinstance(obj, list):
+        obj[:] = [_numpy_arrays_to_tensors(v, seen) for v in obj]
+    else:
+        obj = tuple(_numpy_arrays_to_tensors(v, seen) for v in obj)
+    return obj
+
+
+_FOREIGN_CLASSES = ["mmengine.logging.history_buffer.HistoryBuffer", "argparse.Namespace"]
+_STAND_INS = (
+    [(_Inert, n) for n in _FOREIGN_CLASSES]
+    + [(_inert_call, "builtins.getattr"), (_empty_bytes, "builtins.bytes")]
+    + [(_NumpyArray, "numpy.ndarray"), (_NumpyDtype, "numpy.dtype")]
+    + [(_numpy_reconstruct, f"numpy.{m}.multiarray._reconstruct") for m in ("core", "_core")]
+    + [(_numpy_scalar, f"numpy.{m}.multiarray.scalar") for m in ("core", "_core")]
+)
+
+
+def _reason(message: str) -> str:
+    """The unpickler's reason from torch's error text, without its advice: torch suggests
+    weights_only=False or allowlisting the global, exactly what must not be done with an
+    untrusted file."""
+    text = message.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    kept = [s for s in sentences
+            if not re.search(r"weights_only|please use|if you trust|trusted source|"
+                             r"safe_globals", s, re.IGNORECASE)]
+    return " ".join(kept) or "it names objects outside the weights-only allowlist"
 
 
 def _torch_load(path: Path) -> Any:
@@ -89,13 +235,11 @@ def _torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals(_STAND_INS):
             # Zip-format files are memory-mapped: tensors are read lazily from the page cache
             # instead of copied up front (torch's legacy format cannot be mapped).
-            return torch.load(path, map_location="cpu", weights_only=True,
-                              mmap=zipfile.is_zipfile(path))
+            raw = torch.load(path, map_location="cpu", weights_only=True,
+                             mmap=zipfile.is_zipfile(path))
+        return _numpy_arrays_to_tensors(raw)
     except pickle.UnpicklingError as e:
-        # torch's message wraps the unpickler's reason in advice to use weights_only=False,
-        # which is exactly what must not be done with an untrusted file: keep the reason only.
-        detail = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
-        detail = " ".join(detail.split()).split(" Please use")[0]
+        detail = _reason(str(e))
         if re.search(r"global|reduce|build|new object", detail, re.IGNORECASE):
             raise ValueError(f"{path}: refused to load: its pickle asks for code beyond tensors "
                              f"and plain data ({detail}); nothing from it was run") from None
@@ -104,10 +248,22 @@ def _torch_load(path: Path) -> Any:
         raise
     except Exception as e:  # garbage makes the unpickler fail in many ways (KeyError, EOF...)
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-                         f"{e})") from None
+                         f"{_reason(str(e))})") from None
+
+
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar")
 
 
 def _read_raw(path: Path) -> Any:
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir()
+                       if p.suffix in _CHECKPOINT_SUFFIXES and p.is_file())
+        example = "best.pth" if "best.pth" in found or not found else found[0]
+        listing = (f"; checkpoint files there: {', '.join(found[:20])}"
+                   + (f" ... and {len(found) - 20} more" if len(found) > 20 else "")
+                   if found else "; it holds no .pth/.pt/.bin/.safetensors file")
+        raise ValueError(f"{path} is a directory; pass the checkpoint file inside it "
+                         f"(e.g. {path / example}){listing}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -125,12 +281,39 @@ def _read_raw(path: Path) -> Any:
 _WRAPPER_PREFIX = re.compile(r"^(?:module\.|_orig_mod\.)+")
 
 
+def _is_weight(value: Any) -> bool:
+    return isinstance(value, (torch.Tensor, _NumpyArray))
+
+
+def _ema_copies(sd: Mapping[str, Any]) -> list[str]:
+    """Keys of mmcls 0.x EMAHook copies (`ema_backbone_conv1_weight` beside
+    `backbone.conv1.weight`), or [] unless every `ema_*` key shadows exactly one other key of
+    the same shape; mmcv's EMAHook swaps the averages into the main keys before saving."""
+    ema = [k for k in sd if _WRAPPER_PREFIX.sub("", k).startswith("ema_")]
+    if not ema:
+        return []
+    flat: dict[str, list[str]] = {}
+    for key in sd:
+        if key not in ema:
+            flat.setdefault(_WRAPPER_PREFIX.sub("", key).replace(".", "_"), []).append(key)
+    for key in ema:
+        main = flat.get(_WRAPPER_PREFIX.sub("", key)[len("ema_"):], [])
+        if (len(main) != 1 or not isinstance(sd[key], torch.Tensor)
+                or not isinstance(sd[main[0]], torch.Tensor)
+                or sd[key].shape != sd[main[0]].shape):
+            return []
+    return ema
+
+
 def convert_state_dict(raw: Any, source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
     """Find the state dict in a loaded checkpoint and rename its keys to ours.
 
     Pure function: unwraps {'state_dict': ...} / {'model': ...}, strips `module.` and
     `_orig_mod.` prefixes (any number), maps the OpenMMLab layout (`backbone.X` -> `X`,
-    `head.fc.X` -> `fc.X`). torchvision's and timm's keys are already ours.
+    `head.fc.X` -> `fc.X`). torchvision's and timm's keys are already ours. An EMA copy is
+    skipped and named in the format: mmcls 0.x `ema_<key with _ for .>` entries that shadow
+    the main keys, or mmengine's top-level `ema_state_dict`; both EMA hooks swap the averaged
+    weights into the main keys before saving, so the main keys are what the run evaluated.
 
     Args:
         raw: what torch.load returned (or a safetensors dict).
@@ -138,14 +321,15 @@ def convert_state_dict(raw: Any, source: str = "checkpoint") -> tuple[dict[str, 
     Returns:
         (state dict with our keys, format description such as 'mmcls 0.x').
     Raises:
-        ValueError: naming `source`, if no state dict is found, or listing every key that has
-            no place in our layout (e.g. mmpretrain `neck.*` or another head's keys).
+        ValueError: naming `source`, if no state dict is found, if entries are numpy arrays
+            that cannot be tensors, or listing every key that has no place in our layout
+            (e.g. mmpretrain `neck.*` or another head's keys).
     """
     if not isinstance(raw, Mapping):
         raise ValueError(f"{source}: expected a dict holding a state dict, "
                          f"got {type(raw).__name__}")
     meta = raw.get("meta") if isinstance(raw.get("meta"), Mapping) else {}
-    if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+    if raw and all(_is_weight(v) for v in raw.values()):
         sd, fmt = raw, "state dict (torchvision/timm layout)"
     elif isinstance(raw.get("state_dict"), Mapping):
         sd = raw["state_dict"]
@@ -166,6 +350,20 @@ def convert_state_dict(raw: Any, source: str = "checkpoint") -> tuple[dict[str, 
         raise ValueError(f"{source}: no state dict found (top-level keys: {keys}); expected a "
                          f"state dict or a dict with 'state_dict' or 'model'")
 
+    notes: list[str] = []
+    ema = _ema_copies(sd)
+    if ema:
+        notes.append(f"EMA copy ({len(ema)} ema_* keys) skipped")
+        sd = {k: v for k, v in sd.items() if k not in set(ema)}
+    if sd is not raw and isinstance(raw.get("ema_state_dict"), Mapping):
+        notes.append(f"EMA copy (ema_state_dict, {len(raw['ema_state_dict'])} entries) skipped")
+
+    numpy_left = [k for k, v in sd.items() if isinstance(v, _NumpyArray)]
+    if numpy_left:
+        dtypes = sorted({sd[k].dtype for k in numpy_left})
+        raise ValueError(f"{source}: {len(numpy_left)} entries are numpy arrays of dtype "
+                         f"{', '.join(dtypes)}, not tensors, and cannot be converted: convert "
+                         f"them with torch.from_numpy before saving")
     out: dict[str, torch.Tensor] = {}
     unplaced: list[str] = []
     wrapped = False
@@ -195,7 +393,14 @@ def convert_state_dict(raw: Any, source: str = "checkpoint") -> tuple[dict[str, 
         fmt = "OpenMMLab state dict"
     if wrapped:
         fmt += ", wrapper prefixes stripped"
-    return out, fmt
+    return out, ", ".join([fmt, *notes])
+
+
+def _listing(items: list[str], limit: int | None) -> str:
+    """'a, b, c' or, past `limit` items, the first ones and '... and N more'."""
+    if limit is None or len(items) <= limit:
+        return ", ".join(items)
+    return f"{', '.join(items[:limit])} ... and {len(items) - limit} more"
 
 
 def _class_names(raw: Any) -> list[str] | None:
@@ -249,7 +454,9 @@ def read_checkpoint(source: str | os.PathLike, progress: bool = True) -> Checkpo
         Checkpoint with the converted state dict, class names and detected format.
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: naming the file, for an unrecognised layout or a refused pickle.
+        ValueError: naming the file, for an unrecognised layout, a refused pickle (the
+            message never suggests weights_only=False), or a directory (the message lists
+            the checkpoint files in it).
         RuntimeError: a download failed or a hash did not match.
     """
     path = download_weights(source, progress=progress) if _is_url(source) else Path(source)
@@ -260,72 +467,203 @@ def read_checkpoint(source: str | os.PathLike, progress: bool = True) -> Checkpo
     return Checkpoint(state_dict, _class_names(raw), fmt, path, raw)
 
 
+# --- which architecture a file holds --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Arch:
+    """The architecture a state dict holds (see detect_architecture).
+
+    Attributes:
+        depth: 50, 101 or 152.
+        groups: cardinality (1 for a plain ResNet).
+        width_per_group: channels per group of the stage-1 3x3 conv (64 for a ResNet).
+        num_classes: classifier outputs (0: the file has no classifier).
+        name: factory-style name, e.g. 'resnext101_32x8d', 'resnet50'.
+    """
+    depth: int
+    groups: int
+    width_per_group: int
+    num_classes: int
+    name: str
+
+
+def detect_architecture(state_dict: Mapping[str, torch.Tensor] | Checkpoint) -> Arch:
+    """Work out from keys and shapes which ResNeXt (or ResNet) a state dict holds.
+
+    Depth comes from the blocks per stage (layer3: 6 -> 50, 23 -> 101; layer2 8 and layer3
+    36 -> 152), groups and width from the grouped conv `layer1.0.conv2.weight`, shaped
+    (groups * width_per_group, width_per_group, 3, 3), the classes from `fc.weight`. The
+    result is then checked key by key against that model built on the meta device.
+
+    Args:
+        state_dict: our keys (as convert_state_dict or read_checkpoint give them), or a
+            read Checkpoint.
+    Returns:
+        Arch, e.g. Arch(101, 32, 8, 1000, 'resnext101_32x8d'); a plain ResNet-50 (groups 1,
+        width 64) is Arch(50, 1, 64, 1000, 'resnet50').
+    Raises:
+        ValueError: the keys or shapes fit no model that ResNeXt(depth, groups,
+            width_per_group, num_classes) builds; the message says what did not fit.
+    """
+    sd = state_dict.state_dict if isinstance(state_dict, Checkpoint) else state_dict
+    blocks = []
+    for stage in range(1, 5):
+        found = {int(m.group(1)) for k in sd if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
+        blocks.append(len(found) if found == set(range(len(found))) else -1)
+    depth = next((d for d, b in STAGE_BLOCKS.items() if tuple(b) == tuple(blocks)), None)
+    if depth is None:
+        known = ", ".join(f"{d}: {b}" for d, b in STAGE_BLOCKS.items())
+        raise ValueError(f"blocks per stage {tuple(blocks)} fit no ResNeXt depth ({known})")
+    conv = sd.get("layer1.0.conv2.weight")
+    if not isinstance(conv, torch.Tensor) or conv.dim() != 4 or conv.shape[1] < 1 \
+            or conv.shape[0] % conv.shape[1]:
+        shape = tuple(conv.shape) if isinstance(conv, torch.Tensor) else None
+        raise ValueError(f"layer1.0.conv2.weight is {shape}, not a (groups * width, width, "
+                         f"3, 3) grouped conv")
+    width_per_group, groups = conv.shape[1], conv.shape[0] // conv.shape[1]
+    fc = sd.get("fc.weight")
+    num_classes = fc.shape[0] if isinstance(fc, torch.Tensor) and fc.dim() == 2 else 0
+    own, name = _shapes_of(depth, groups, width_per_group, num_classes)
+    wrong = [k for k in sd if k not in own or tuple(sd[k].shape) != own[k]]
+    wrong += [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    if wrong:
+        raise ValueError(f"{len(wrong)} keys do not fit {name} ({_classes_phrase(num_classes)})"
+                         f", e.g. {_listing(wrong, 3)}")
+    return Arch(depth, groups, width_per_group, num_classes, name)
+
+
+@functools.lru_cache(maxsize=8)
+def _shapes_of(depth: int, groups: int, width_per_group: int,
+               num_classes: int) -> tuple[dict[str, tuple[int, ...]], str]:
+    """Key -> shape of a ResNeXt built on the meta device (no memory), and its name."""
+    with torch.device("meta"):
+        model = ResNeXt(depth, groups, width_per_group, num_classes=num_classes)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}, model.arch_name
+
+
+def _detect_or_none(sd: Mapping[str, torch.Tensor]) -> Arch | None:
+    try:
+        return detect_architecture(sd)
+    except ValueError:
+        return None
+
+
+def _classes_phrase(n: int | None) -> str:
+    return "no classifier" if not n else f"{n} classes"
+
+
 # --- loading into a model --------------------------------------------------------------------
 
 @dataclass
 class LoadReport:
-    """What load_weights did: the format read, tensors loaded, keys skipped (reset head)."""
+    """What load_weights did.
+
+    Attributes:
+        format: the detected format (read_checkpoint's), e.g. 'mmcls 0.x, EMA copy ... skipped'.
+        path: the file read.
+        loaded: number of tensors loaded.
+        skipped: keys not loaded (the classifier with reset_head).
+        classes: the class names attached to the model.
+        file_dtypes: floating dtypes found in the file, e.g. ['float16'].
+        notes: what else happened, e.g. 'tensors were float16, cast to float32'.
+    """
     format: str
     path: Path
     loaded: int
     skipped: list[str]
     classes: list[str] | None
+    file_dtypes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         msg = f"loaded {self.loaded} tensors from {self.path} ({self.format})"
-        return msg + (f"; skipped {', '.join(self.skipped)} (reset_head)" if self.skipped else "")
+        if self.skipped:
+            msg += f"; skipped {', '.join(self.skipped)} (reset_head)"
+        return "; ".join([msg, *self.notes])
 
 
 def _fc_out(sd: Mapping[str, torch.Tensor]) -> int | None:
     return sd["fc.weight"].shape[0] if "fc.weight" in sd else None
 
 
+def _dtype_names(tensors: Any) -> list[str]:
+    return sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()})
+
+
 def load_weights(model: nn.Module, source: str | os.PathLike | Checkpoint,
-                 reset_head: bool = False, progress: bool = True) -> LoadReport:
+                 reset_head: bool = False, progress: bool = True,
+                 verbose: bool = False) -> LoadReport:
     """Load a checkpoint into `model` strictly and attach its class names.
 
     Every key must match in name and shape; only missing `num_batches_tracked` buffers are
     tolerated (older files lack them). With reset_head=True the classifier (`fc.*`) is not
-    loaded and keeps its fresh initialisation, for fine-tuning on other classes.
+    loaded and keeps its fresh initialisation, for fine-tuning on other classes. Tensors are
+    cast to the model's dtypes (a float16, bfloat16 or float64 file loads into a float32
+    model as float32; integer buffers stay int64), the same way whether the model is real or
+    on the meta device (resnext.pretrained's build), so both give identical tensors.
 
     Args:
         model: a ResNeXt (or any module with our keys).
         source: path, URL, or an already read Checkpoint.
         reset_head: skip the classifier instead of failing when its size differs.
         progress: show a download progress bar.
+        verbose: on a mismatch, list every key instead of the first 10 of each kind.
     Returns:
         LoadReport; also sets `model.class_names` (the file's names, else the ImageNet-1k
         names for a 1000-class head, else None).
     Raises:
-        ValueError: listing every missing, unexpected and wrongly shaped key, or explaining a
-            classifier size mismatch without reset_head; plus read_checkpoint's errors.
+        ValueError: the file holds another architecture (first line: '<file> holds
+            resnext101_32x8d (1000 classes); the model is resnext50_32x4d', then the missing,
+            unexpected and wrongly shaped keys), or a classifier of another size without
+            reset_head; plus read_checkpoint's errors.
     """
     ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source, progress)
     sd = dict(ckpt.state_dict)
     own = model.state_dict()
+    model_classes = _fc_out(own)
     skipped: list[str] = []
     if reset_head:
         skipped = sorted(k for k in sd if k.startswith("fc."))
         for k in skipped:
             del sd[k]
         own = {k: v for k, v in own.items() if not k.startswith("fc.")}
-    elif _fc_out(sd) != _fc_out(own) and _fc_out(sd) is not None and _fc_out(own) is not None:
-        raise ValueError(f"{ckpt.path}: its classifier has {_fc_out(sd)} classes, the model "
-                         f"{_fc_out(own)}; pass reset_head=True to keep the new head "
-                         f"(fine-tuning) and load everything else")
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in sd if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"{ckpt.path} ({ckpt.format}) does not fit the model "
-                 f"({type(model).__name__} {getattr(model, 'depth', '')}"
-                 f" {getattr(model, 'groups', '')}x{getattr(model, 'width_per_group', '')}d):"]
+    wrong = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    if [k for k in missing + unexpected + wrong if not k.startswith("fc.")]:
+        model_name = getattr(model, "arch_name", type(model).__name__)
+        held = _detect_or_none(ckpt.state_dict)
+        if held is not None and held.name != model_name:
+            parts = [f"{ckpt.path} holds {held.name} ({_classes_phrase(held.num_classes)}); "
+                     f"the model is {model_name}",
+                     f"  to build what the file holds, give no model name: get_model(None, "
+                     f"pretrained=<file>), or predict.py/evaluate.py without --model"]
+        else:
+            parts = [f"{ckpt.path} ({ckpt.format}) does not fit the model ({model_name}, "
+                     f"{_classes_phrase(model_classes)})"]
+        limit = None if verbose else 10
+        wrong_text = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong]
         for label, keys in (("missing", missing), ("unexpected", unexpected),
-                            ("wrong shape", wrong)):
+                            ("wrong shape", wrong_text)):
             if keys:
-                parts.append(f"  {label} ({len(keys)}): {', '.join(keys)}")
+                parts.append(f"  {label} ({len(keys)}): {_listing(keys, limit)}")
+        if not verbose and max(len(missing), len(unexpected), len(wrong)) > 10:
+            parts.append("  (verbose=True lists every key)")
         raise ValueError("\n".join(parts))
+    if missing or unexpected or wrong:  # only the classifier differs
+        theirs = f"has {_fc_out(sd)} classes" if _fc_out(sd) else "is absent"
+        raise ValueError(f"{ckpt.path}: its classifier {theirs}, the model "
+                         f"{model_classes or 'has none'}; pass reset_head=True to keep the "
+                         f"model's head (fine-tuning) and load everything else")
+    # Cast to the model's dtypes here rather than leaving it to load_state_dict: an assigning
+    # load (meta-device model) would otherwise take the file's float16 tensors as they are.
+    file_dtypes = _dtype_names(sd.values())
+    sd = {k: v if v.dtype == own[k].dtype else v.to(own[k].dtype) for k, v in sd.items()}
+    notes = []
+    model_dtypes = _dtype_names(own[k] for k in sd)
+    if file_dtypes and file_dtypes != model_dtypes:
+        notes.append(f"tensors were {' and '.join(file_dtypes)}, cast to "
+                     f"{' and '.join(model_dtypes)}")
     on_meta = any(t.is_meta for t in own.values())
     # A model built on the meta device (resnext.pretrained) takes the file's tensors as they
     # are (assign), so the weights are never held twice; it then materialises what is left.
@@ -339,7 +677,7 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Checkpoint,
     if classes is None and num_classes == 1000 and not reset_head:
         classes = imagenet_class_names()
     model.class_names = classes
-    return LoadReport(ckpt.format, ckpt.path, len(sd), skipped, classes)
+    return LoadReport(ckpt.format, ckpt.path, len(sd), skipped, classes, file_dtypes, notes)
 
 
 # --- download ---------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from . import model as _model
-from .checkpoint import Checkpoint, LoadReport, load_weights, read_checkpoint
+from .checkpoint import (Arch, Checkpoint, LoadReport, detect_architecture, load_weights,
+                         read_checkpoint)
 from .data import Preprocessing
 from .model import ResNeXt
 
@@ -106,7 +107,8 @@ def _materialize_rest(model: nn.Module) -> None:
 
 
 def _build_with_weights(factory: Callable[..., ResNeXt], pretrained: bool | str | os.PathLike
-                        | Checkpoint, reset_head: bool, kwargs: dict) -> ResNeXt:
+                        | Checkpoint, reset_head: bool, dtype: torch.dtype | None,
+                        verbose: bool, kwargs: dict) -> ResNeXt:
     name = factory.__name__
     if pretrained is True:
         if name not in RELEASED_WEIGHTS:
@@ -117,25 +119,42 @@ def _build_with_weights(factory: Callable[..., ResNeXt], pretrained: bool | str 
     ckpt = pretrained if isinstance(pretrained, Checkpoint) else read_checkpoint(pretrained)
     with torch.device("meta"):
         model = factory(**kwargs)
-    report: LoadReport = load_weights(model, ckpt, reset_head=reset_head)
+    if dtype is not None:
+        model.to(dtype)  # on the meta device: only the dtype the file's tensors are cast to
+    report: LoadReport = load_weights(model, ckpt, reset_head=reset_head, verbose=verbose)
     _materialize_rest(model)
     model.load_report = report
     model.preprocessing = preprocessing_of(ckpt)
     return model
 
 
+def _classes(n: int) -> str:
+    return f"{n} classes" if n else "no classifier"
+
+
+def _check_dtype(dtype: torch.dtype | None) -> None:
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32, "
+                         f"got {dtype!r}")
+
+
 def _with_weights(factory: Callable[..., ResNeXt]) -> Callable[..., ResNeXt]:
-    """`factory` plus pretrained= (True: released weights; or a path/URL/Checkpoint) and
-    reset_head= (skip a classifier of another size, for fine-tuning)."""
+    """`factory` plus pretrained= (True: released weights; or a path/URL/Checkpoint),
+    reset_head= (skip a classifier of another size, for fine-tuning), dtype= (the model's
+    floating dtype, default torch's default float32, whatever dtype a file holds) and
+    verbose= (list every key when a file does not fit)."""
 
     @functools.wraps(factory)
     def build(*, pretrained: bool | str | os.PathLike | Checkpoint = False,
-              reset_head: bool = False, **kwargs) -> ResNeXt:
+              reset_head: bool = False, dtype: torch.dtype | None = None,
+              verbose: bool = False, **kwargs) -> ResNeXt:
+        _check_dtype(dtype)
         if pretrained is False or pretrained is None:
             if reset_head:
                 raise ValueError("reset_head=True only makes sense with pretrained=")
-            return factory(**kwargs)
-        return _build_with_weights(factory, pretrained, reset_head, kwargs)
+            model = factory(**kwargs)
+            return model.to(dtype) if dtype is not None else model
+        return _build_with_weights(factory, pretrained, reset_head, dtype, verbose, kwargs)
 
     return build
 
@@ -150,6 +169,17 @@ _FACTORIES: dict[str, Callable[..., ResNeXt]] = {
                             resnext152_32x4d, resnext101_64x4d)}
 
 
+def _arch_factory(arch: Arch) -> Callable[..., ResNeXt]:
+    """A factory for a detected architecture that has no factory of its own (e.g. a
+    torchvision/mmpretrain ResNet-50, groups 1)."""
+
+    def factory(**kwargs) -> ResNeXt:
+        return ResNeXt(arch.depth, arch.groups, arch.width_per_group, **kwargs)
+
+    factory.__name__ = arch.name
+    return _with_weights(factory)
+
+
 def get_model(name: str | None = None, pretrained: bool | str | os.PathLike | Checkpoint = False,
               **kwargs) -> ResNeXt:
     """Build a model by factory name ('resnext50_32x4d') or seed name
@@ -157,31 +187,50 @@ def get_model(name: str | None = None, pretrained: bool | str | os.PathLike | Ch
 
     With a checkpoint path/URL and no num_classes, the classifier size is taken from the
     file, so `get_model('resnext50_32x4d', 'work_dirs/rx50/best.pth')` rebuilds a 2-class
-    model from train.py; with name None, the file's own model name (our checkpoints store it)
-    or resnext50_32x4d.
+    model from train.py. With name None the file decides: its own model name (our
+    checkpoints store it), else the architecture its keys and shapes hold
+    (checkpoint.detect_architecture: torchvision, timm and mmcls files), which may be one
+    without a factory, such as a ResNet-50 (groups 1).
 
     Args:
-        name: see RELEASED_WEIGHTS and resnext.list_models(), or None.
+        name: see RELEASED_WEIGHTS and resnext.list_models(), or None (the file's model;
+            resnext50_32x4d without a file).
         pretrained: False, True (released weights), a path/URL or a read Checkpoint.
-        **kwargs: forwarded to the factory (num_classes, reset_head, ...).
+        **kwargs: forwarded to the factory (num_classes, reset_head, dtype, verbose, ...).
     Returns:
         The model, in eval mode when weights were loaded, with `class_names` and
-        `preprocessing` set from the weights.
+        `preprocessing` set from the weights; float32 (or `dtype`) whatever the file holds.
     Raises:
-        ValueError: unknown name (the message lists the known ones); loader errors.
+        ValueError: unknown name (the message lists the known ones); a file that holds
+            another architecture than `name` (one line naming both); loader errors.
         FileNotFoundError, RuntimeError: see read_checkpoint.
     """
-    if pretrained is not False and pretrained is not True and not kwargs.get("reset_head"):
+    factory = None
+    if pretrained is not False and pretrained is not True and pretrained is not None:
         ckpt = pretrained if isinstance(pretrained, Checkpoint) else read_checkpoint(pretrained)
-        fc = ckpt.state_dict.get("fc.weight")
-        kwargs.setdefault("num_classes", fc.shape[0] if fc is not None else 0)
-        if name is None and ckpt.meta.get("model") in _FACTORIES:
-            name = ckpt.meta["model"]
+        if not kwargs.get("reset_head"):
+            fc = ckpt.state_dict.get("fc.weight")
+            kwargs.setdefault("num_classes", fc.shape[0] if fc is not None else 0)
+        try:
+            arch: Arch | None = detect_architecture(ckpt)
+        except ValueError:
+            arch = None  # load_weights will say what does not fit
+        wanted = RELEASED_WEIGHTS[name].factory if name in RELEASED_WEIGHTS else name
+        if wanted is None:
+            if ckpt.meta.get("model") in _FACTORIES:
+                name = ckpt.meta["model"]
+            elif arch is not None:
+                name = arch.name
+                factory = _FACTORIES.get(arch.name) or _arch_factory(arch)
+        elif arch is not None and wanted in _FACTORIES and arch.name != wanted:
+            hint = f"name {arch.name} or none" if arch.name in _FACTORIES else "no name"
+            raise ValueError(f"{ckpt.path} holds {arch.name} ({_classes(arch.num_classes)}); the "
+                             f"model is {wanted} (give {hint} to build what the file holds)")
         pretrained = ckpt
     name = name or "resnext50_32x4d"
     factory_name = RELEASED_WEIGHTS[name].factory if name in RELEASED_WEIGHTS else name
-    if factory_name not in _FACTORIES:
+    if factory is None and factory_name not in _FACTORIES:
         known = sorted(set(_FACTORIES) | set(RELEASED_WEIGHTS))
         raise ValueError(f"unknown model {name!r}; known: {', '.join(known)}")
-    model = _FACTORIES[factory_name](pretrained=pretrained, **kwargs)
+    model = (factory or _FACTORIES[factory_name])(pretrained=pretrained, **kwargs)
     return model.eval() if pretrained is not False else model
