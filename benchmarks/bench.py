@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import resnext  # noqa: E402
+import resnext.runtime  # noqa: E402
 from resnext.data import (ClassFolderDataset, EpochTaggedSampler, FastTrainTransform,  # noqa: E402
                           SeededAugmentation, eval_transform, list_images, load_image)
 from resnext.inference import fuse_bn  # noqa: E402
@@ -75,6 +76,14 @@ def get_args() -> argparse.Namespace:
                    help="weights for the top-1 agreement check (default: random weights "
                         "with randomised BN statistics, which give decisive logits)")
     p.add_argument("--quick", action="store_true", help="1 warm-up, 3 repeats, fewer sizes")
+    p.add_argument("--e2e-images", type=int, default=None,
+                   help="training JPEGs for the e2e section (default 10,000 GPU / 256 CPU)")
+    p.add_argument("--e2e-batches", type=int, nargs="+", default=None,
+                   help="per-process batches for e2e (default 32 256 GPU / 8 16 CPU)")
+    p.add_argument("--e2e-epochs", type=int, default=3,
+                   help="train.py epochs per e2e run; epochs after the first are timed")
+    p.add_argument("--e2e-workers", type=int, default=None,
+                   help="loader workers for e2e (default: train.py's default)")
     p.add_argument("--json", default="bench.json", help="where to write the results")
     args = p.parse_args()
     if args.quick:
@@ -400,7 +409,8 @@ def bench_coldstart(args) -> dict:
         cmds = {"torchvision + torch.load script (reference)":
                 ("code", TORCHVISION_PREDICT, str(ckpt), bird),
                 "python predict.py IMAGE --checkpoint FILE":
-                ("file", str(REPO / "predict.py"), bird, "--checkpoint", str(ckpt))}
+                ("file", str(REPO / "predict.py"), bird, "--checkpoint", str(ckpt)),
+                'python -c "import torch" (the floor)': ("code", "import torch")}
         runs = {name: [run_measured(*cmd) for _ in range(max(3, args.repeats // 2))]
                 for name, cmd in cmds.items()}
         base_s = statistics.median(r[0] for r in next(iter(runs.values())))
@@ -412,6 +422,10 @@ def bench_coldstart(args) -> dict:
                   f"{mb:7.0f} MiB ({mb / base_mb:4.2f}x)")
             out["predict"].append({"name": name, "seconds": seconds, "peak_rss_mib": mb,
                                    "time_ratio": seconds / base_s, "rss_ratio": mb / base_mb})
+        predict_s, torch_s = (out["predict"][i]["seconds"] for i in (1, 2))
+        out["predict_minus_import_torch_s"] = predict_s - torch_s
+        print(f"  predict.py takes {predict_s - torch_s:.2f} s more than importing torch "
+              f"({predict_s / torch_s:.2f}x)")
 
         # Converting a released-style mmcls file of resnext101_32x8d (legacy serialization).
         release = Path(tmp) / "resnext101_32x8d_mmcls.pth"
@@ -437,6 +451,107 @@ def bench_coldstart(args) -> dict:
     return out
 
 
+# --- 5. end to end: train.py on JPEG files --------------------------------------------------
+
+def make_jpeg_folder(data: Path, root: Path, count: int, short_side: int) -> Path:
+    """An ImageNet-like folder from real photos: train/<class>/ holds `count` JPEGs (the
+    hymenoptera train photos resized to `short_side`, ImageNet's typical size, quality 90,
+    then hard-linked under new names), val/<class>/ the 153 val photos, resized alike."""
+    from PIL import Image
+    for split in ("train", "val"):
+        sources = []
+        for cls in ("ants", "bees"):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for path in list_images(data / "hymenoptera_data" / split / cls):
+                image = load_image(path)
+                scale = short_side / min(image.size)
+                image = image.resize((round(image.width * scale), round(image.height * scale)),
+                                     Image.Resampling.BILINEAR)
+                target = root / split / cls / f"{path.stem}.JPEG"
+                image.save(target, quality=90)
+                sources.append(target)
+        if split == "train":
+            for i in range(count - len(sources)):
+                source = sources[i % len(sources)]
+                os.link(source, source.with_name(f"{source.stem}_{i}.JPEG"))
+    return root
+
+
+def loader_images_per_s(root: Path, batch: int, workers: int, img_size: int,
+                        batches: int) -> float:
+    """train.py's data loader alone (FastTrainTransform, per-sample seeds, pinned memory)."""
+    from torch.utils.data import DataLoader, RandomSampler
+    dataset = ClassFolderDataset(root / "train", FastTrainTransform(img_size), loader=str)
+    sampler = EpochTaggedSampler(RandomSampler(dataset))
+    loader = DataLoader(SeededAugmentation(dataset, 0), batch_size=batch, sampler=sampler,
+                        num_workers=workers, drop_last=True, persistent_workers=workers > 0,
+                        pin_memory=torch.cuda.is_available(),
+                        prefetch_factor=4 if workers else None)
+    it = iter(loader)
+    for _ in range(min(5, batches)):  # workers start, first batches in flight
+        next(it)
+    start, n = time.perf_counter(), 0
+    for _ in range(batches):
+        try:
+            images, _ = next(it)
+        except StopIteration:
+            sampler.set_epoch(sampler.epoch + 1)
+            it = iter(loader)
+            images, _ = next(it)
+        n += images.shape[0]
+    return n / (time.perf_counter() - start)
+
+
+def run_train_py(root: Path, work: Path, device: torch.device, batch: int, workers: int,
+                 img_size: int, epochs: int, compile_: bool) -> float:
+    """Steady-state images/s of `python train.py` from its log: the median of the interval
+    records after the first epoch (start-up, compilation and cuDNN autotuning excluded)."""
+    cmd = [sys.executable, str(REPO / "train.py"), "--data", str(root), "--device",
+           str(device), "--batch-size", str(batch), "--workers", str(workers), "--img-size",
+           str(img_size), "--epochs", str(epochs), "--val-interval", str(epochs),
+           "--log-interval", "10", "--amp", "auto", "--fast-decode", "--work-dir", str(work)]
+    cmd += ["--compile"] if compile_ else []
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"train.py failed:\n{res.stderr[-3000:]}")
+    records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    steady = [r["images_per_s"] for r in records if r["type"] == "train" and r["epoch"] > 1]
+    return statistics.median(steady)
+
+
+def bench_e2e(args, device) -> dict:
+    """train.py end to end at 32 and 256 per process (GPU) beside the pure train steps."""
+    cuda = device.type == "cuda"
+    batches = args.e2e_batches or ([32, 256] if cuda else [8, 16])
+    img_size = 224 if cuda else 64
+    count = args.e2e_images or (10_000 if cuda else 256)
+    workers = args.e2e_workers or resnext.runtime.default_workers()
+    amp = resolve_amp("auto", device)
+    out = {"images": count, "img_size": img_size, "workers": workers, "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"End to end: train.py on {count} JPEGs (short side 375), {img_size} px crops, "
+              f"{workers} workers, --amp auto ({amp_name(amp)}) --fast-decode; ratios vs the "
+              f"pure torchvision fp32 NCHW step at the same batch")
+        root = make_jpeg_folder(args.data, Path(tmp) / "data", count, 375)
+        for batch in batches:
+            print(f" batch {batch} per process")
+            steps = train_steps(args, device, batch, amp) if cuda else []
+            base = steps[0]["images_per_s"] if steps else None
+            loader = loader_images_per_s(root, batch, workers, img_size,
+                                         batches=max(20, 2000 // batch))
+            rows = [("data loader alone (FastTrainTransform)", loader)]
+            for compile_ in ([False, True] if args.compile else [False]):
+                name = "train.py" + (" --compile" if compile_ else "")
+                work = Path(tmp) / f"work_{batch}_{compile_}"
+                rows.append((name, run_train_py(root, work, device, batch, workers, img_size,
+                                                args.e2e_epochs, compile_)))
+            base = base or rows[-1][1]  # CPU smoke run: no step reference, ratios vs eager
+            for name, images_per_s in rows:
+                out["rows"].append({"batch": batch, **row(name, images_per_s, base)})
+            out["rows"] += steps
+    return out
+
+
 def main() -> None:
     args = get_args()
     device = torch.device(args.device)
@@ -453,6 +568,8 @@ def main() -> None:
         results["pipeline"] = bench_pipeline(args)
     if "coldstart" in args.sections:
         results["coldstart"] = bench_coldstart(args)
+    if "e2e" in args.sections:
+        results["e2e"] = bench_e2e(args, device)
     Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.json}")
 

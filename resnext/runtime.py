@@ -108,10 +108,14 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def default_workers(processes_per_node: int = 1, cap: int = 8) -> int:
-    """Data-loading workers per process: the CPUs shared among this node's processes,
-    at most `cap`, so that torch's "more workers than CPUs" warning never fires."""
-    return max(0, min(cap, available_cpus() // max(1, processes_per_node)))
+def default_workers(processes_per_node: int | None = None, cap: int = 16) -> int:
+    """Data-loading workers per process: this node's CPUs shared among its processes
+    (torchrun's LOCAL_WORLD_SIZE), less one for the process itself, at least 1 and at most
+    `cap`; never more than the CPUs, so torch's "more workers than CPUs" warning never fires.
+    E.g. 1 on 2 CPUs, 15 on 16 CPUs, 11 per GPU process on 96 CPUs with 8 GPUs."""
+    if processes_per_node is None:
+        processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(cap, available_cpus() // max(1, processes_per_node) - 1))
 
 
 def positive_int(text: str) -> int:
@@ -144,8 +148,8 @@ def add_common_args(parser: argparse.ArgumentParser, batch_size: int = 32) -> No
     p.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help="images per process")
     p.add_argument("--workers", type=non_negative_int, default=default_workers(),
-                   help="data-loading processes per process (default: this machine's CPUs, "
-                        "at most 8)")
+                   help="data-loading processes per process (default: this node's CPUs per "
+                        "process less one, 1 to 16)")
     p.add_argument("--img-size", type=positive_int, default=None,
                    help="crop size in pixels; evaluation resizes to img-size/0.875 first. "
                         "Default: the size stored with the weights, else 224")
