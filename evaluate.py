@@ -170,7 +170,8 @@ def main(args: argparse.Namespace) -> dict:
         model = load_for_inference(args.model, args.checkpoint, info.device, amp=args.amp,
                                    fuse=args.fuse_bn, channels_last=args.channels_last,
                                    compile=args.compile, img_size=args.img_size,
-                                   resize_size=args.resize_size, announce=info.is_main)
+                                   resize_size=args.resize_size, verbose=args.verbose,
+                                   announce=info.is_main)
         dataset = build_dataset(args.data, args.ann_file, model.preprocessing.transform(),
                                 model.class_names, model.num_classes)
         note = describe_mapping(dataset, model)

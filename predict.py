@@ -72,7 +72,8 @@ def main(args: argparse.Namespace) -> int:
     out = _json_target(args)
     model = load_for_inference(args.model, args.checkpoint, device, amp=args.amp,
                                fuse=args.fuse_bn, channels_last=args.channels_last,
-                               compile=args.compile, img_size=args.img_size)
+                               compile=args.compile, img_size=args.img_size,
+                               verbose=args.verbose)
     names = model.class_names
     transform = model.preprocessing.transform()
     paths, skipped = collect_paths(args.inputs)

@@ -172,7 +172,8 @@ def build_datasets(root: Path, img_size: int, fast_decode: bool = False):
 
 
 def build_train_loader(dataset, args, rank: int, world_size: int, pin_memory: bool):
-    """Shuffled, sharded, drop_last loader whose workers live for the whole run.
+    """Shuffled, sharded, drop_last loader whose workers live for the whole run; returns
+    (loader, its EpochTaggedSampler, optimizer steps per epoch).
 
     Each sample's augmentation is drawn from a generator seeded by (seed, epoch, sample
     index) (SeededAugmentation), so an epoch replays exactly on resume whatever the number
@@ -184,7 +185,11 @@ def build_train_loader(dataset, args, rank: int, world_size: int, pin_memory: bo
                         sampler=sampler, num_workers=args.workers, drop_last=True,
                         pin_memory=pin_memory, persistent_workers=args.workers > 0,
                         prefetch_factor=4 if args.workers > 0 else None)
-    return loader, sampler
+    steps = len(loader) // args.accum_steps
+    if steps == 0:
+        raise ValueError(f"{args.data}: {len(dataset)} training images are fewer than one step "
+                         f"of {args.batch_size} x {world_size} x {args.accum_steps}")
+    return loader, sampler, steps
 
 
 # --- one epoch -------------------------------------------------------------------------------
@@ -325,10 +330,41 @@ def wrap_ddp(model, device: torch.device):
     return DDP(model, device_ids=ids, broadcast_buffers=False)
 
 
-def main(args: argparse.Namespace) -> dict:
-    # --- distributed setup -------------------------------------------------------------------
-    info = init_distributed(args.device, args.dist_timeout, args.local_rank)
-    rank, world_size, device, is_main = info.rank, info.world_size, info.device, info.is_main
+# --- setup ------------------------------------------------------------------------------------
+
+class JsonLog:
+    """Appends one JSON record per line to `path` (global rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def __call__(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def prepare_work_dir(args, work_dir: Path, is_main: bool) -> str | None:
+    """Create the work dir, remove a temporary file a killed save left, and return the
+    checkpoint to resume from (--resume auto: last.pth when there is one).
+
+    Raises:
+        FileNotFoundError: an explicit --resume path does not exist (never a fresh start).
+    """
+    if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
+        raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint (use --resume "
+                                f"auto to start fresh when there is none)")
+    if is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        for stale in work_dir.glob(".*.pth.*.tmp"):
+            stale.unlink()
+    if args.resume == "auto":
+        return str(work_dir / "last.pth") if (work_dir / "last.pth").is_file() else None
+    return args.resume
+
+
+def configure(args) -> None:
+    """Signals, kernel selection and the image-size limit for this process."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)
     if args.deterministic:
@@ -339,95 +375,133 @@ def main(args: argparse.Namespace) -> dict:
         torch.backends.cudnn.benchmark = True
     if args.max_image_pixels is not None:
         set_max_image_pixels(args.max_image_pixels)
+
+
+def build_model(args, classes: list[str], device: torch.device, world_size: int,
+                is_main: bool):
+    """The model to train (DDP-wrapped and compiled as asked) and the raw module that
+    checkpoints store (no `module.` prefix). Initial weights: mmpretrain's init from --seed,
+    the same on every rank, or --load-from (head reset when the class count differs)."""
+    torch.manual_seed(args.seed)
+    model = get_model(args.model, num_classes=len(classes))
+    if args.load_from:
+        ckpt = read_checkpoint(args.load_from)
+        head = ckpt.state_dict.get("fc.weight")
+        other_head = head is None or head.shape[0] != len(classes)
+        report = load_weights(model, ckpt, reset_head=other_head, verbose=args.verbose)
+        if is_main:
+            print(f"init: {report}")
+    model.class_names = classes
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.sync_bn and world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    raw_model = model
+    if world_size > 1:
+        model = wrap_ddp(model, device)
+    if args.compile:
+        kwargs = {"mode": args.compile_mode} if args.compile_mode else {}
+        model = maybe_compile(model, device, announce=is_main, **kwargs)
+    return model, raw_model
+
+
+def build_optimizer(args, raw_model, total_batch: int, amp, device: torch.device):
+    """SGD on all parameters (BN and biases included, as mmpretrain's imagenet_bs256), lr x
+    gamma at each milestone epoch, and a GradScaler enabled for fp16 autocast. With
+    --auto-scale-lr the lr is scaled by total_batch / 256 (mmpretrain auto_scale_lr)."""
+    lr = args.lr * total_batch / 256 if args.auto_scale_lr else args.lr
+    optimizer = torch.optim.SGD(raw_model.parameters(), lr=lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, args.gamma)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    return optimizer, scheduler, scaler
+
+
+def validate(raw_model, val_loader, device, amp, preprocessing, classes, args,
+             world_size: int, is_main: bool) -> dict:
+    """evaluate.evaluate on the raw model. With per-process BN, rank 0's statistics are
+    broadcast first: what last.pth stores, so this equals evaluate.py on the checkpoint."""
+    if world_size > 1 and not args.sync_bn:
+        for buffer in raw_model.buffers():
+            dist.broadcast(buffer, src=0)
+    evaluator = InferenceModel(raw_model, device, amp, args.channels_last, preprocessing,
+                               classes, len(classes), args.model)
+    return evaluate(evaluator, val_loader, progress=is_main)
+
+
+def announce(args, log, is_main: bool, **facts) -> None:
+    """The log's header record and the start line: what this run trains with (the lr is the
+    one the next step uses, after any resume)."""
+    log({"type": "header", "args": {k: plain(v) for k, v in vars(args).items()}, **facts})
+    if is_main:
+        scaled = " (auto-scaled)" if args.auto_scale_lr and not facts["resumed"] else ""
+        print(f"{args.model}: {facts['num_train']} train / {facts['num_val']} val images, "
+              f"{facts['classes']} classes; {facts['world_size']} process(es) x "
+              f"{args.batch_size} x {args.accum_steps} accum = total batch "
+              f"{facts['total_batch']}, lr {facts['lr']:g}{scaled}; {facts['amp']} on "
+              f"{facts['device']}")
+
+
+def epoch_line(record: dict, epochs: int) -> str:
+    """The line printed at each epoch end."""
+    val = ""
+    if "val_images" in record:
+        val = f"  val top-1 {record['accuracy/top1']:.2f}"
+        for key, value in record.items():  # top-5, or top-k with fewer than 5 classes
+            if key.startswith("accuracy/top") and key != "accuracy/top1":
+                val += f" top-{key[len('accuracy/top'):]} {value:.2f}"
+        val += f" ({record['val_images']} images)"
+    return (f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} "
+            f"top-1 {record['train_top1']:.2f}{val}  lr {record['lr']:.3g}  "
+            f"{record['images_per_s']:.1f} img/s  {record['epoch_time']:.1f}s")
+
+
+def main(args: argparse.Namespace) -> dict:
+    # --- distributed setup -------------------------------------------------------------------
+    info = init_distributed(args.device, args.dist_timeout, args.local_rank)
+    rank, world_size, device, is_main = info.rank, info.world_size, info.device, info.is_main
+    configure(args)
     amp = resolve_amp(args.amp, device)
     args.model = args.model or "resnext50_32x4d"
-    img_size = args.img_size or 224
     work_dir = Path(args.work_dir or Path("work_dirs") / args.model)
-    log_file = work_dir / "log.jsonl"
-
-    def log(record: dict) -> None:
-        if is_main:
-            with open(log_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    log = JsonLog(work_dir / "log.jsonl", enabled=is_main)
 
     try:
-        if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
-            raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint (use "
-                                    f"--resume auto to start fresh when there is none)")
-        if is_main:
-            work_dir.mkdir(parents=True, exist_ok=True)
-            for stale in work_dir.glob(".*.pth.*.tmp"):  # left by a kill during a save
-                stale.unlink()
+        resume = prepare_work_dir(args, work_dir, is_main)
 
         # --- data --------------------------------------------------------------------------
         train_ds, val_ds, classes, preprocessing = build_datasets(
-            Path(args.data), img_size, args.fast_decode)
+            Path(args.data), args.img_size or 224, args.fast_decode)
         empty = getattr(train_ds, "empty_classes", [])
         if empty and is_main:  # a class without training images still gets its output
             print(f"train.py: warning: {len(empty)} class folders hold no training images: "
                   f"{', '.join(empty[:10])}", file=sys.stderr)
         pin = device.type == "cuda"
-        train_loader, train_sampler = build_train_loader(train_ds, args, rank, world_size, pin)
+        train_loader, train_sampler, steps_per_epoch = build_train_loader(
+            train_ds, args, rank, world_size, pin)
         val_loader = build_loader(val_ds, args.batch_size, args.workers, rank, world_size, pin)
-        steps_per_epoch = len(train_loader) // args.accum_steps
-        if steps_per_epoch == 0:
-            raise ValueError(f"{args.data}: {len(train_ds)} training images are fewer than one "
-                             f"step of {args.batch_size} x {world_size} x {args.accum_steps}")
 
         # --- model -------------------------------------------------------------------------
-        torch.manual_seed(args.seed)  # the same initial weights on every rank
-        model = get_model(args.model, num_classes=len(classes))
-        if args.load_from:
-            ckpt = read_checkpoint(args.load_from)
-            head = ckpt.state_dict.get("fc.weight")
-            other_head = head is None or head.shape[0] != len(classes)
-            report = load_weights(model, ckpt, reset_head=other_head)
-            if is_main:
-                print(f"init: {report}")
-        model.class_names = classes
-        model.to(device)
-        if args.channels_last:
-            model.to(memory_format=torch.channels_last)
-        if args.sync_bn and world_size > 1:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        raw_model = model  # unwrapped: what checkpoints store (no module. prefix)
-        if world_size > 1:
-            model = wrap_ddp(model, device)
-        if args.compile:
-            kwargs = {"mode": args.compile_mode} if args.compile_mode else {}
-            model = maybe_compile(model, device, announce=is_main, **kwargs)
+        model, raw_model = build_model(args, classes, device, world_size, is_main)
 
         # --- optimizer and schedule --------------------------------------------------------
         total_batch = args.batch_size * world_size * args.accum_steps
-        lr = args.lr * total_batch / 256 if args.auto_scale_lr else args.lr
-        optimizer = torch.optim.SGD(raw_model.parameters(), lr=lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)  # all params, BN included
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, args.gamma)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        optimizer, scheduler, scaler = build_optimizer(args, raw_model, total_batch, amp,
+                                                       device)
         criterion = torch.nn.CrossEntropyLoss()
 
         # --- resume ------------------------------------------------------------------------
         start_epoch, best_top1 = 0, -1.0
-        resume = args.resume
-        if resume == "auto":
-            resume = str(work_dir / "last.pth") if (work_dir / "last.pth").is_file() else None
         if resume:
             start_epoch, best_top1, note = resume_from(resume, raw_model, optimizer, scheduler,
                                                        scaler, total_batch, args)
             if is_main:
                 print(note)
-        lr = optimizer.param_groups[0]["lr"]  # what the next step uses
-        log({"type": "header", "args": {k: plain(v) for k, v in vars(args).items()},
-             "world_size": world_size, "total_batch": total_batch, "lr": lr,
-             "amp": amp_name(amp), "start_epoch": start_epoch, "torch": str(torch.__version__),
-             "device": str(device), "num_train": len(train_ds), "num_val": len(val_ds),
-             "classes": len(classes)})
-        if is_main:
-            print(f"{args.model}: {len(train_ds)} train / {len(val_ds)} val images, "
-                  f"{len(classes)} classes; {world_size} process(es) x {args.batch_size} x "
-                  f"{args.accum_steps} accum = total batch {total_batch}, lr {lr:g}"
-                  f"{' (auto-scaled)' if args.auto_scale_lr and not resume else ''}; "
-                  f"{amp_name(amp)} on {device}")
+        announce(args, log, is_main, world_size=world_size, total_batch=total_batch,
+                 lr=optimizer.param_groups[0]["lr"], amp=amp_name(amp), start_epoch=start_epoch,
+                 torch=str(torch.__version__), device=str(device), num_train=len(train_ds),
+                 num_val=len(val_ds), classes=len(classes), resumed=bool(resume))
 
         # --- epoch loop --------------------------------------------------------------------
         result = {}
@@ -443,18 +517,11 @@ def main(args: argparse.Namespace) -> dict:
             scheduler.step()
 
             if (epoch + 1) % args.val_interval == 0 or epoch + 1 == args.epochs:
-                if world_size > 1 and not args.sync_bn:
-                    # Validate with rank 0's BN statistics: what last.pth stores, so this
-                    # equals evaluate.py on the saved checkpoint.
-                    for buffer in raw_model.buffers():
-                        dist.broadcast(buffer, src=0)
-                evaluator = InferenceModel(raw_model, device, amp, args.channels_last,
-                                           preprocessing, classes, len(classes), args.model)
-                result = evaluate(evaluator, val_loader, progress=is_main)
-                k = result["k"]
-                record.update({"accuracy/top1": result["top1"],
-                               f"accuracy/top{k}": result[f"top{k}"],
-                               "val_loss": result["loss"], "val_images": result["num_images"]})
+                result = validate(raw_model, val_loader, device, amp, preprocessing, classes,
+                                  args, world_size, is_main)
+                record.update({f"accuracy/{key}": value for key, value in result.items()
+                               if key.startswith("top")})
+                record.update({"val_loss": result["loss"], "val_images": result["num_images"]})
             record["epoch_time"] = time.perf_counter() - epoch_start
             is_best = "accuracy/top1" in record and record["accuracy/top1"] > best_top1
             if is_best:
@@ -465,20 +532,12 @@ def main(args: argparse.Namespace) -> dict:
                 state = checkpoint_state(raw_model, optimizer, scheduler, scaler, epoch,
                                          best_top1, record, classes, preprocessing,
                                          total_batch, args)
-                with signals_held():
+                with signals_held():  # last.pth, best.pth and the log record land together
                     save_checkpoint(state, work_dir / "last.pth")
                     if is_best:
                         save_checkpoint(state, work_dir / "best.pth")
                     log(record)
-                val = ""
-                if "accuracy/top1" in record:
-                    k = result["k"]
-                    val = (f"  val top-1 {record['accuracy/top1']:.2f} top-{k} "
-                           f"{record[f'accuracy/top{k}']:.2f} ({record['val_images']} images)")
-                print(f"epoch {epoch + 1}/{args.epochs}: train loss {record['train_loss']:.4f} "
-                      f"top-1 {record['train_top1']:.2f}{val}  lr {record['lr']:.3g}  "
-                      f"{record['images_per_s']:.1f} img/s  {record['epoch_time']:.1f}s",
-                      flush=True)
+                print(epoch_line(record, args.epochs), flush=True)
         return {"best_top1": best_top1, **result}
     finally:
         cleanup_distributed()

@@ -246,12 +246,7 @@ def top1_agreement(args, device, ours, amp) -> dict:
 def bench_train(args, device) -> list:
     batch = args.train_batch or (256 if device.type == "cuda" else 16)
     print(f"Training step (forward, backward, SGD), resnext50_32x4d, batch {batch}, 224x224")
-    torch.manual_seed(0)
-    x = torch.rand(batch, 3, 224, 224, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
-    amp = resolve_amp("auto", device)
-    results = train_steps(args, device, batch, amp)
-    return results
+    return train_steps(args, device, batch, resolve_amp("auto", device))
 
 
 def train_steps(args, device, batch: int, amp) -> list:

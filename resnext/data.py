@@ -75,7 +75,7 @@ def _reading(path: str | os.PathLike):
         raise  # already names the file (e.g. to_rgb8 refusing a range)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageReadError(f"{path}: image larger than the limit of {Image.MAX_IMAGE_PIXELS} "
                              f"pixels (width x height); resnext.data.set_max_image_pixels "
                              f"raises or removes the limit") from None

@@ -28,10 +28,6 @@ class DistInfo:
         """Global rank 0: the one process that prints, shows progress and writes files."""
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1 or dist.is_initialized()
-
 
 def init_distributed(device: str | None = None, timeout_s: float = 1800.0,
                      local_rank: int | None = None) -> DistInfo:

@@ -92,7 +92,7 @@ def load_for_inference(name: str | None, checkpoint: str | os.PathLike | None,
                        device: torch.device, *, amp: str | torch.dtype | None = None,
                        fuse: bool = False, channels_last: bool = True, compile: bool = False,
                        img_size: int | None = None, resize_size: int | None = None,
-                       announce: bool = True) -> InferenceModel:
+                       verbose: bool = False, announce: bool = True) -> InferenceModel:
     """Build and load the model predict.py and evaluate.py use.
 
     Args:
@@ -105,6 +105,7 @@ def load_for_inference(name: str | None, checkpoint: str | os.PathLike | None,
         compile: torch.compile where available (runtime.maybe_compile).
         img_size, resize_size: override the crop / resize size (pixels) that the weights'
             preprocessing gives (see pretrained.preprocessing_of).
+        verbose: list every key when the weights do not fit the model.
         announce: print when an option falls back.
     Returns:
         InferenceModel.
@@ -112,7 +113,7 @@ def load_for_inference(name: str | None, checkpoint: str | os.PathLike | None,
         The loader's errors (ValueError, FileNotFoundError, RuntimeError for downloads).
     """
     pretrained = read_checkpoint(checkpoint) if checkpoint else True
-    model = get_model(name, pretrained=pretrained).to(device)
+    model = get_model(name, pretrained=pretrained, verbose=verbose).to(device)
     preprocessing = preprocessing_of(pretrained if checkpoint else model.arch_name)
     if img_size or resize_size:
         preprocessing = Preprocessing(img_size or preprocessing.crop_size, resize_size,

@@ -139,7 +139,7 @@ def add_common_args(parser: argparse.ArgumentParser, batch_size: int = 32) -> No
 
     --model, --batch-size (images per process), --workers (default: the CPUs, at most 8),
     --img-size, --device, --amp, --channels-last/--no-channels-last (on), --compile,
-    --max-image-pixels.
+    --verbose, --max-image-pixels.
     """
     p = parser
     p.add_argument("--model", default=None, help="factory or seed name (resnext50_32x4d, "
@@ -163,6 +163,9 @@ def add_common_args(parser: argparse.ArgumentParser, batch_size: int = 32) -> No
                    help="channels_last memory format (same results to float rounding, faster)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (needs a C++ compiler; pays off on long runs)")
+    p.add_argument("--verbose", action="store_true",
+                   help="when weights do not fit the model, list every key (default: the "
+                        "architecture the file holds and the first keys)")
     p.add_argument("--max-image-pixels", type=non_negative_int, default=None,
                    help="refuse images with more pixels than this (decompression-bomb guard); "
                         "0 = no limit; default Pillow's 89,478,485")

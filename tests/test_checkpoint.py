@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 import resnext
-from resnext import checkpoint as ck
+from resnext import unpickling
 from resnext.checkpoint import export_openmmlab, load_weights, read_checkpoint
 from resnext.pretrained import RELEASED_WEIGHTS, get_model
 from conftest import DATA, randomize_
@@ -171,8 +171,8 @@ def test_mmpretrain_foreign_objects_stay_inert(reference, tmp_path):
     model, _, _ = reference
     make_mmpretrain_1x(model.state_dict(), tmp_path / "m.pth")
     ckpt = read_checkpoint(tmp_path / "m.pth")
-    assert isinstance(ckpt.raw["message_hub"]["log_scalars"]["train/loss"], ck._Inert)
-    assert isinstance(ckpt.raw["param_schedulers"][0]["hook"], ck._Inert)  # getattr never ran
+    assert isinstance(ckpt.raw["message_hub"]["log_scalars"]["train/loss"], unpickling._Inert)
+    assert isinstance(ckpt.raw["param_schedulers"][0]["hook"], unpickling._Inert)  # getattr never ran
     assert ckpt.raw["meta"]["epoch"] == 100
     # Without our stand-ins, torch itself refuses the file.
     with pytest.raises(pickle.UnpicklingError):

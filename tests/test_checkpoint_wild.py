@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import resnext
-from resnext import checkpoint as ck
+from resnext import checkpoint as ck, unpickling
 from resnext.checkpoint import detect_architecture, load_weights, read_checkpoint
 from resnext.model import ResNeXt
 from resnext.pretrained import get_model
@@ -297,10 +297,10 @@ def test_reason_strips_any_advice():
     text = ("Weights only load failed. Re-running `torch.load` with `weights_only` set to "
             "`False` will likely succeed. WeightsUnpickler error: Can only build Tensor, "
             "Parameter or types allowlisted via `add_safe_globals`, but got <class 'x'>")
-    assert "weights_only" not in ck._reason(text) and ck._reason(text)
+    assert "weights_only" not in unpickling._reason(text) and unpickling._reason(text)
     reason = "Unsupported global: GLOBAL os.system was not an allowed global by default."
     advice = " Please use `torch.serialization.add_safe_globals([os.system])` if you trust it."
-    assert ck._reason(reason + advice) == reason
+    assert unpickling._reason(reason + advice) == reason
 
 
 def test_directory_is_named_as_one(tmp_path, small):
