@@ -200,9 +200,10 @@ def bench_inference(args, device) -> dict:
     return {"results": results, "agreement": agreement}
 
 
-def randomize_bn(model: torch.nn.Module, seed: int) -> None:
-    """Random BN affine parameters and statistics (scale near 1), so that random-weight
-    logits are decisive enough for a top-1 agreement count."""
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Random weights scaled by 1/sqrt(fan-in), random BN affine parameters and statistics
+    near (1, 0): logits decisive enough for a top-1 agreement count (the freshly initialised
+    model's are nearly flat: zero-init residuals, a 0.01-std head)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -211,6 +212,9 @@ def randomize_bn(model: torch.nn.Module, seed: int) -> None:
                 m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
                 m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
                 m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+            elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / fan_in ** 0.5)
 
 
 def top1_agreement(args, device, ours, amp) -> dict:
@@ -219,7 +223,7 @@ def top1_agreement(args, device, ours, amp) -> dict:
         ours = resnext.get_model(pretrained=args.checkpoint).to(device)
         source = args.checkpoint
     else:
-        randomize_bn(ours, seed=0)
+        randomize(ours, seed=0)
         source = "random weights, randomised BN statistics"
     fast = fast_inference_model(ours, device, False)
     paths = [p for folder in ("hymenoptera_data/val", "demo", "imagenet_samples")

@@ -498,7 +498,13 @@ def download_weights(url: str, progress: bool = True) -> Path:
     downloader writes to a temporary file and renames it, so an interrupted download leaves
     no partial file behind. `file://` URLs are read in place.
 
+    Args:
+        url: http(s) or file URL of the weights.
+        progress: show torch.hub's progress bar.
+    Returns:
+        The local file.
     Raises:
+        ValueError: the URL names no file.
         RuntimeError: the download failed (the message names the URL and how to pass a local
             file instead), or the hash does not match.
     """
@@ -539,6 +545,12 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save `obj` atomically: write a temporary file beside `path`, fsync, rename.
 
     A crash or kill at any point leaves either the old file or the new one, never a torn one.
+
+    Args:
+        obj: what to save (plain types and tensors, to stay weights-only loadable).
+        path: the destination; its folder is created if missing.
+    Returns:
+        `path` as a Path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -745,7 +745,14 @@ def build_dataset(root: str | os.PathLike, ann_file: str | os.PathLike | None = 
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one training sample's augmentation: a fixed mix of (seed, epoch, index)."""
+    """The seed of one training sample's augmentation.
+
+    Args:
+        seed: the run's --seed; epoch: 0-based epoch; index: the sample's dataset index.
+    Returns:
+        A fixed mix of the three in [0, 2**63), distinct for distinct (epoch, index) pairs of
+        any realistic run (index < 2**31).
+    """
     return (seed * 1_000_003 + epoch) * 2_147_483_647 + index & (2**63 - 1)
 
 

@@ -186,6 +186,8 @@ class ResNeXt(nn.Module):
             warnings.warn(f"init_weights() skipped: the weights were loaded from "
                           f"{self.weights_source}", stacklevel=2)
             return
+        if self.conv1.weight.is_meta:
+            return  # built on the meta device to receive a file's tensors: nothing to draw
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -72,7 +72,14 @@ def amp_name(dtype: torch.dtype | None) -> str:
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
-    """torch.autocast(device.type, dtype), or a no-op context for None (fp32)."""
+    """Mixed precision for a block.
+
+    Args:
+        device: where the block runs (its type selects CPU or CUDA autocast).
+        dtype: torch.bfloat16 / torch.float16 (resolve_amp's result), or None for fp32.
+    Returns:
+        torch.autocast(device.type, dtype), or a no-op context for None.
+    """
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -90,8 +97,16 @@ def compile_available(device: torch.device) -> tuple[bool, str]:
 
 def maybe_compile(model: nn.Module, device: torch.device, announce: bool = True,
                   **compile_kwargs) -> nn.Module:
-    """torch.compile(model, **compile_kwargs) where compile_available, else the model
-    unchanged (saying so when announce)."""
+    """torch.compile where it can run, else the model unchanged.
+
+    Args:
+        model: the module to compile.
+        device: where it runs (CUDA also needs Triton).
+        announce: print why compilation was skipped.
+        **compile_kwargs: forwarded to torch.compile (e.g. mode='reduce-overhead').
+    Returns:
+        The compiled module (compiled lazily, on its first calls) or `model` itself.
+    """
     ok, why = compile_available(device)
     if ok:
         return torch.compile(model, **compile_kwargs)
@@ -109,10 +124,17 @@ def available_cpus() -> int:
 
 
 def default_workers(processes_per_node: int | None = None, cap: int = 16) -> int:
-    """Data-loading workers per process: this node's CPUs shared among its processes
-    (torchrun's LOCAL_WORLD_SIZE), less one for the process itself, at least 1 and at most
-    `cap`; never more than the CPUs, so torch's "more workers than CPUs" warning never fires.
-    E.g. 1 on 2 CPUs, 15 on 16 CPUs, 11 per GPU process on 96 CPUs with 8 GPUs."""
+    """Data-loading workers per process, never more than the CPUs, so that torch's "more
+    workers than CPUs" warning never fires: e.g. 1 on 2 CPUs, 15 on 16 CPUs, 11 per GPU
+    process on 96 CPUs with 8 GPUs.
+
+    Args:
+        processes_per_node: processes sharing this node's CPUs; default torchrun's
+            LOCAL_WORLD_SIZE, else 1.
+        cap: the most workers per process.
+    Returns:
+        CPUs per process less one (for the process itself), clamped to 1..cap.
+    """
     if processes_per_node is None:
         processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return max(1, min(cap, available_cpus() // max(1, processes_per_node) - 1))
@@ -135,11 +157,14 @@ def non_negative_int(text: str) -> int:
 
 
 def add_common_args(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
-    """The flags train.py, evaluate.py and predict.py share, with one meaning and default.
+    """The flags train.py, evaluate.py and predict.py share, with one meaning and default:
+    --model, --batch-size (images per process), --workers (default_workers()), --img-size,
+    --device, --amp, --channels-last/--no-channels-last (on), --compile, --verbose,
+    --max-image-pixels.
 
-    --model, --batch-size (images per process), --workers (default: the CPUs, at most 8),
-    --img-size, --device, --amp, --channels-last/--no-channels-last (on), --compile,
-    --verbose, --max-image-pixels.
+    Args:
+        parser: the script's parser, extended in place.
+        batch_size: the script's default images per process (32, the recipe's; predict 16).
     """
     p = parser
     p.add_argument("--model", default=None, help="factory or seed name (resnext50_32x4d, "
