@@ -3,7 +3,7 @@
     python benchmarks/bench.py                       # CPU, all sections, about 10 minutes on 2 cores
     python benchmarks/bench.py --device cuda --compile --json bench_cuda.json
     python benchmarks/bench.py --sections pipeline coldstart --quick
-    python benchmarks/bench.py --device cuda --compile --sections train e2e inference   # one H200, ~8 min
+    python benchmarks/bench.py --device cuda --compile --sections e2e inference --batch-sizes 256  # one H200, ~8 min
 
 Every number is a median over --repeats timed runs after --warmup untimed ones, and every
 "ratio" divides our images/second (or seconds, or bytes) by the reference's from this same
