@@ -215,6 +215,7 @@ def test_frozen_stages_and_norm_eval():
     assert ne.layer4.training  # only the norms stay in eval
 
 
+@pytest.mark.slow
 def test_complexity_matches_independent_counts():
     from torch.utils.flop_counter import FlopCounterMode
     # mmpretrain's metafile (3 significant figures, GMACs at 224x224).

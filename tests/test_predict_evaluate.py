@@ -203,6 +203,7 @@ def _eval_args(*extra):
     return ["--img-size", "64", "--workers", "0", "--batch-size", "20", *map(str, extra)]
 
 
+@pytest.mark.slow
 def test_evaluate_matches_independent_count(tmp_path, ants_bees_checkpoint, independent_top1):
     hits, n = independent_top1
     assert n == 153

@@ -12,6 +12,8 @@ import torch
 from resnext import Preprocessing
 from conftest import DATA, REPO
 
+pytestmark = pytest.mark.slow  # every test runs a script in a subprocess
+
 VAL = DATA / "hymenoptera_data" / "val"
 BIRD = DATA / "demo" / "bird.JPEG"
 
@@ -124,7 +126,6 @@ def test_evaluate_warns_when_classes_are_mapped_by_order(tmp_path, ants_bees_che
     assert "no class names" in res.stderr and "bees -> 0" in res.stderr
 
 
-@pytest.mark.slow
 def test_train_with_debris_and_an_empty_class(tmp_path):
     data = tmp_path / "data"
     for split in ("train", "val"):

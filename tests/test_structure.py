@@ -46,6 +46,7 @@ def test_imports_point_one_way():
         assert _package_imports(module) <= ok, (module, _package_imports(module) - ok)
 
 
+@pytest.mark.slow
 def test_import_and_predict_without_torchvision(tmp_path, ants_bees_checkpoint):
     code = ("import sys, runpy; sys.argv = ['predict.py', sys.argv[1], '--checkpoint', "
             "sys.argv[2], '--json']\n"
