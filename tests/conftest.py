@@ -85,3 +85,15 @@ def ants_bees_checkpoint(tmp_path_factory):
     torch.save({"state_dict": model.state_dict(),
                 "meta": {"model": "resnext50_32x4d", "classes": ["ants", "bees"]}}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint_at_64(ants_bees_checkpoint, tmp_path_factory):
+    """The same model saved as train.py saves one trained at 64 px: its preprocessing
+    (crop 64, resize 73) stored in meta."""
+    from resnext import Preprocessing
+    raw = torch.load(ants_bees_checkpoint, weights_only=True)
+    raw["meta"]["preprocessing"] = Preprocessing(64).to_dict()
+    path = tmp_path_factory.mktemp("ckpt64") / "at64.pth"
+    torch.save(raw, path)
+    return path

@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from resnext import Preprocessing
 from conftest import DATA, REPO
 
 pytestmark = pytest.mark.slow  # every test runs a script in a subprocess
@@ -22,16 +21,6 @@ def run(*args, timeout=600, **kwargs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def at64(ants_bees_checkpoint, tmp_path_factory):
-    """The fitted ants/bees model with its 64 px preprocessing stored, as train.py writes."""
-    raw = torch.load(ants_bees_checkpoint, weights_only=True)
-    raw["meta"]["preprocessing"] = Preprocessing(64).to_dict()
-    path = tmp_path_factory.mktemp("at64") / "at64.pth"
-    torch.save(raw, path)
-    return path
 
 
 def debris_folder(root, photos):
@@ -50,10 +39,10 @@ def debris_folder(root, photos):
     return root
 
 
-def test_predict_folder_debris_and_symlinks(tmp_path, at64):
+def test_predict_folder_debris_and_symlinks(tmp_path, checkpoint_at_64):
     photos = sorted((VAL / "bees").iterdir())[:3]
     folder = debris_folder(tmp_path / "photos", photos)
-    res = run("predict.py", folder, "--checkpoint", at64, "--json", "--workers", "0")
+    res = run("predict.py", folder, "--checkpoint", checkpoint_at_64, "--json", "--workers", "0")
     assert res.returncode == 0, res.stderr
     answered = [json.loads(line)["path"] for line in res.stdout.splitlines()]
     # 3 real photos and the linked file; not the hidden copies, not the linked folder again.
@@ -64,23 +53,23 @@ def test_predict_folder_debris_and_symlinks(tmp_path, at64):
         assert reason in res.stderr, reason
 
 
-def test_predict_pipe_closed_early_is_quiet(at64):
-    res = subprocess.run(f"{sys.executable} predict.py {VAL} --checkpoint {at64} --workers 0 "
+def test_predict_pipe_closed_early_is_quiet(checkpoint_at_64):
+    res = subprocess.run(f"{sys.executable} predict.py {VAL} --checkpoint {checkpoint_at_64} --workers 0 "
                          f"--batch-size 4 | head -n 2", shell=True, cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert len(res.stdout.splitlines()) == 2
     assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr
 
 
-def test_pixel_limit_flag(at64, tmp_path):
-    res = run("predict.py", BIRD, "--checkpoint", at64, "--max-image-pixels", "10000")
+def test_pixel_limit_flag(checkpoint_at_64, tmp_path):
+    res = run("predict.py", BIRD, "--checkpoint", checkpoint_at_64, "--max-image-pixels", "10000")
     assert res.returncode == 1
     assert "bird.JPEG" in res.stderr and "10000 pixels" in res.stderr
-    res = run("predict.py", BIRD, "--checkpoint", at64, "--max-image-pixels", "0", "--json")
+    res = run("predict.py", BIRD, "--checkpoint", checkpoint_at_64, "--max-image-pixels", "0", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["pred_class"] in ("ants", "bees")
 
 
-def test_predict_16bit_copy_answers_as_the_photo(at64, tmp_path):
+def test_predict_16bit_copy_answers_as_the_photo(checkpoint_at_64, tmp_path):
     from PIL import Image
     gray = Image.open(BIRD).convert("L")
     gray.save(tmp_path / "gray8.png")
@@ -92,20 +81,20 @@ def test_predict_16bit_copy_answers_as_the_photo(at64, tmp_path):
     with Image.open(tmp_path / "gray16.png") as im:
         assert im.mode in ("I;16", "I")
     res = run("predict.py", tmp_path / "gray8.png", tmp_path / "gray16.png", "--checkpoint",
-              at64, "--json")
+              checkpoint_at_64, "--json")
     assert res.returncode == 0, res.stderr
     a, b = (json.loads(line) for line in res.stdout.splitlines())
     assert a["topk"] == b["topk"]  # same labels and identical scores
 
 
-def test_evaluate_subsets_few_classes_and_json_stdout(tmp_path, at64):
+def test_evaluate_subsets_few_classes_and_json_stdout(tmp_path, checkpoint_at_64):
     # A val folder where one class has no images: the other class is counted, the empty one
     # named; two classes: the second figure is top-2, named so in text and JSON.
     val = tmp_path / "val"
     shutil.copytree(VAL / "ants", val / "ants")
     (val / "bees").mkdir()
     (val / "ants" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")  # debris: skipped
-    res = run("evaluate.py", "--data", val, "--checkpoint", at64, "--workers", "0", "--json")
+    res = run("evaluate.py", "--data", val, "--checkpoint", checkpoint_at_64, "--workers", "0", "--json")
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["num_images"] == 70 and summary["k"] == 2 and summary["top2"] == 100.0

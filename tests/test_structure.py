@@ -85,16 +85,6 @@ def test_preprocessing_from_meta_and_validation():
             Preprocessing(**bad)
 
 
-@pytest.fixture(scope="module")
-def checkpoint_at_64(ants_bees_checkpoint, tmp_path_factory):
-    """The fitted 2-class model, saved as train.py does with its 64 px preprocessing."""
-    raw = torch.load(ants_bees_checkpoint, weights_only=True)
-    raw["meta"]["preprocessing"] = Preprocessing(64).to_dict()
-    path = tmp_path_factory.mktemp("ckpt64") / "at64.pth"
-    torch.save(raw, path)
-    return path
-
-
 @pytest.mark.slow
 def test_inference_model_equals_predict_at_stored_size(checkpoint_at_64):
     model = resnext.get_model(pretrained=str(checkpoint_at_64))
