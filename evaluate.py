@@ -30,12 +30,12 @@ from resnext.data import (UnpaddedDistributedSampler, build_dataset, imagenet_wn
                           set_max_image_pixels)
 from resnext.distributed import cleanup_distributed, init_distributed
 from resnext.inference import InferenceModel, load_for_inference
-from resnext.runtime import add_common_args
+from resnext.runtime import HelpFormatter, add_common_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="ResNeXt top-1/top-5 evaluation",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="validation folder (class folders, or the "
                    "image folder that --ann-file paths are relative to)")
     p.add_argument("--ann-file", default=None, help="mmpretrain annotation file of "
@@ -47,8 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse-bn", action="store_true",
                    help="fold BatchNorm into the convs on CPU (same numbers to float rounding)")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                   help="print {top1, top5, num_images, model, checkpoint} as JSON on stdout "
-                        "(or write it to PATH)")
+                   help="print {top1, top5, k, num_images, model, checkpoint} as JSON on "
+                        "stdout (or write it to PATH); with k < 5 classes the key is top{k}")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="write per-image predictions (JSON list) here")
     add_common_args(p)
@@ -174,6 +174,9 @@ def main(args: argparse.Namespace) -> dict:
                                    announce=info.is_main)
         dataset = build_dataset(args.data, args.ann_file, model.preprocessing.transform(),
                                 model.class_names, model.num_classes)
+        if len(dataset) == 0:
+            raise ValueError(f"{args.data}: no images to evaluate (every class folder is empty "
+                             f"or holds no image files)")
         note = describe_mapping(dataset, model)
         if note and info.is_main:
             print(f"evaluate.py: {note}", file=sys.stderr)

@@ -15,19 +15,23 @@ import json
 import os
 import sys
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from resnext.data import (IMAGE_EXTENSIONS, ImageReadError, list_images, load_image,
                           set_max_image_pixels)
 from resnext.inference import load_for_inference
-from resnext.runtime import add_common_args, default_device, positive_int
+from resnext.runtime import HelpFormatter, add_common_args, default_device, positive_int
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """predict.py's flags: inputs, --checkpoint, --topk, --fuse-bn, --json and the shared ones
+    (resnext.runtime.add_common_args)."""
     p = argparse.ArgumentParser(description="ResNeXt image classification",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("--checkpoint", default=None, help="weights (path or URL, any supported "
                    "format); default: the released OpenMMLab weights of --model")
@@ -53,29 +57,65 @@ def collect_paths(inputs: list[str]) -> tuple[list[Path], Counter]:
     return paths, skipped
 
 
-def _json_target(args: argparse.Namespace):
-    if args.json in (None, "-"):
-        return sys.stdout
-    target = Path(args.json)
+def _check_json_target(path: str | None) -> None:
     # `--json photo.jpg` most likely meant the photo as an input: never overwrite it.
-    if target.is_dir() or target.suffix.lower() in IMAGE_EXTENSIONS:
-        raise ValueError(f"--json {args.json}: that looks like an input image or folder; put "
+    if path not in (None, "-") and (Path(path).is_dir()
+                                    or Path(path).suffix.lower() in IMAGE_EXTENSIONS):
+        raise ValueError(f"--json {path}: that looks like an input image or folder; put "
                          f"inputs first or write --json=- for stdout")
-    return open(target, "w")
+
+
+class DecodedImages(Dataset):
+    """(index, (3, H, W) float32 tensor or None, error message or None) per path, so that a
+    DataLoader's workers decode in parallel and unreadable files are answered in order."""
+
+    def __init__(self, paths: list[Path], transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.transform(load_image(self.paths[index])), None
+        except ImageReadError as e:
+            return index, None, str(e)
+
+
+def answer(path: Path, error: str | None, top: list[tuple[float, int]] | None, names,
+           as_json: bool, out) -> None:
+    """Print one image's result (or its error) as text lines or one JSON object."""
+    if error is not None:
+        print(f"predict.py: {error}", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"path": str(path), "error": error}), file=out, flush=True)
+        return
+    topk = [{"label": label, "class": names[label] if names else str(label), "score": score}
+            for score, label in top]
+    if as_json:
+        print(json.dumps({"path": str(path), "pred_label": topk[0]["label"],
+                          "pred_score": topk[0]["score"], "pred_class": topk[0]["class"],
+                          "topk": topk}), file=out, flush=True)
+        return
+    print(path)
+    for t in topk:
+        print(f"  {t['score']:.4f}  {t['class']}" + (f" ({t['label']})" if names else ""))
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run predictions; returns the exit status (0 all answered, 1 some files failed)."""
+    """Run predictions; returns the exit status (0 all answered, 1 some files failed).
+
+    Raises:
+        ValueError, RuntimeError, FileNotFoundError: the model cannot be set up (the message
+            says why: unknown name, unreadable or unfitting checkpoint, failed download).
+    """
     if args.max_image_pixels is not None:
         set_max_image_pixels(args.max_image_pixels)
-    device = default_device(args.device)
-    out = _json_target(args)
-    model = load_for_inference(args.model, args.checkpoint, device, amp=args.amp,
-                               fuse=args.fuse_bn, channels_last=args.channels_last,
-                               compile=args.compile, img_size=args.img_size,
-                               verbose=args.verbose)
-    names = model.class_names
-    transform = model.preprocessing.transform()
+    _check_json_target(args.json)
+    model = load_for_inference(args.model, args.checkpoint, default_device(args.device),
+                               amp=args.amp, fuse=args.fuse_bn,
+                               channels_last=args.channels_last, compile=args.compile,
+                               img_size=args.img_size, verbose=args.verbose)
     paths, skipped = collect_paths(args.inputs)
     if skipped:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
@@ -84,35 +124,23 @@ def main(args: argparse.Namespace) -> int:
     if not paths:
         print(f"predict.py: no images found in {' '.join(args.inputs)}", file=sys.stderr)
         return 1
+    # Worker processes only pay off from the second batch on (starting one costs ~0.1 s).
+    workers = min(args.workers, (len(paths) - 1) // args.batch_size)
+    loader = DataLoader(DecodedImages(paths, model.preprocessing.transform()),
+                        batch_size=args.batch_size, num_workers=workers, collate_fn=list)
     failed = 0
-    for start in range(0, len(paths), args.batch_size):
-        good, tensors = [], []
-        for path in paths[start:start + args.batch_size]:
-            try:
-                tensors.append(transform(load_image(path)))
-                good.append(path)
-            except ImageReadError as e:
-                failed += 1
-                print(f"predict.py: {e}", file=sys.stderr)
-                if args.json:
-                    print(json.dumps({"path": str(path), "error": str(e)}), file=out, flush=True)
-        if not tensors:
-            continue
-        scores = model.classify(torch.stack(tensors))
-        top_scores, top_labels = scores.topk(min(args.topk, scores.shape[1]), dim=1)
-        for path, ts, tl in zip(good, top_scores.tolist(), top_labels.tolist()):
-            topk = [{"label": label, "class": names[label] if names else str(label),
-                     "score": score} for label, score in zip(tl, ts)]
-            if args.json:
-                print(json.dumps({"path": str(path), "pred_label": tl[0],
-                                  "pred_score": ts[0], "pred_class": topk[0]["class"],
-                                  "topk": topk}), file=out, flush=True)
-            else:
-                print(path)
-                for t in topk:
-                    print(f"  {t['score']:.4f}  {t['class']} ({t['label']})")
-    if out is not sys.stdout:
-        out.close()
+    with (open(args.json, "w") if args.json not in (None, "-") else nullcontext(sys.stdout)) as out:
+        for items in loader:
+            tensors = [t for _, t, _ in items if t is not None]
+            top = iter([])
+            if tensors:
+                scores = model.classify(torch.stack(tensors))
+                values, labels = scores.topk(min(args.topk, scores.shape[1]), dim=1)
+                top = iter([list(zip(v, l)) for v, l in zip(values.tolist(), labels.tolist())])
+            for index, tensor, error in items:  # input order, errors included
+                failed += error is not None
+                answer(paths[index], error, next(top) if error is None else None,
+                       model.class_names, args.json is not None, out)
     return 1 if failed else 0
 
 

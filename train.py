@@ -42,13 +42,13 @@ from resnext.data import (EpochTaggedSampler, FastTrainTransform, Preprocessing,
 from resnext.distributed import cleanup_distributed, init_distributed
 from resnext.inference import InferenceModel
 from resnext.pretrained import get_model
-from resnext.runtime import (add_common_args, amp_name, autocast, maybe_compile, positive_int,
-                             resolve_amp)
+from resnext.runtime import (HelpFormatter, add_common_args, amp_name, autocast, maybe_compile,
+                             positive_int, resolve_amp)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="ResNeXt training (mmpretrain imagenet_bs256 recipe)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="root with train/ and val/ (and optionally "
                    "meta/train.txt, meta/val.txt)")
     p.add_argument("--epochs", type=positive_int, default=100, help="epochs to train")
@@ -68,7 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-interval", type=positive_int, default=1, help="validate every N epochs")
     p.add_argument("--log-interval", type=positive_int, default=100,
                    help="optimizer steps between log records (and loss / NaN checks)")
-    p.add_argument("--work-dir", default=None, help="default work_dirs/<model>")
+    p.add_argument("--work-dir", default=None, help="default: work_dirs/<model>")
     p.add_argument("--resume", default=None, metavar="PATH|auto",
                    help="continue a run from its checkpoint; 'auto': work-dir/last.pth if it "
                         "exists, else start fresh")
@@ -92,7 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="seconds before a collective waiting on a dead peer fails")
     p.add_argument("--local-rank", "--local_rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # torch.distributed.launch compatibility
-    add_common_args(p)
+    add_common_args(p, training=True)
     return p
 
 

@@ -140,7 +140,7 @@ def convert_state_dict(raw: Any, source: str = "checkpoint") -> tuple[dict[str, 
         elif "dataset_meta" in meta or "message_hub" in raw:
             fmt = "mmpretrain 1.x"
         elif "classes" in meta:
-            fmt = "resnext (train.py / export)"
+            fmt = "resnext (train.py)"
         else:
             fmt = "state_dict checkpoint"
     elif isinstance(raw.get("model"), Mapping):
@@ -154,7 +154,8 @@ def convert_state_dict(raw: Any, source: str = "checkpoint") -> tuple[dict[str, 
     ema = _ema_copies(sd)
     if ema:
         notes.append(f"EMA copy ({len(ema)} ema_* keys) skipped")
-        sd = {k: v for k, v in sd.items() if k not in set(ema)}
+        ema_keys = set(ema)
+        sd = {k: v for k, v in sd.items() if k not in ema_keys}
     if sd is not raw and isinstance(raw.get("ema_state_dict"), Mapping):
         notes.append(f"EMA copy (ema_state_dict, {len(raw['ema_state_dict'])} entries) skipped")
 
@@ -233,7 +234,7 @@ class Checkpoint:
 
     @property
     def meta(self) -> Mapping[str, Any]:
-        """The file's 'meta' dict (train.py stores model, classes, img_size there), or {}."""
+        """The file's 'meta' dict (train.py stores model, classes, preprocessing there), or {}."""
         meta = self.raw.get("meta") if isinstance(self.raw, Mapping) else None
         return meta if isinstance(meta, Mapping) else {}
 
@@ -285,6 +286,10 @@ class Arch:
     width_per_group: int
     num_classes: int
     name: str
+
+    def __str__(self) -> str:
+        """e.g. 'resnext101_32x8d (1000 classes)'."""
+        return f"{self.name} ({_classes_phrase(self.num_classes)})"
 
 
 def detect_architecture(state_dict: Mapping[str, torch.Tensor] | Checkpoint) -> Arch:
@@ -434,7 +439,7 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Checkpoint,
         model_name = getattr(model, "arch_name", type(model).__name__)
         held = _detect_or_none(ckpt.state_dict)
         if held is not None and held.name != model_name:
-            parts = [f"{ckpt.path} holds {held.name} ({_classes_phrase(held.num_classes)}); "
+            parts = [f"{ckpt.path} holds {held}; "
                      f"the model is {model_name}",
                      "  to build what the file holds, give no model name: get_model(None, "
                      "pretrained=<file>), or predict.py/evaluate.py without --model"]
@@ -468,7 +473,10 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Checkpoint,
     # A model built on the meta device (resnext.pretrained) takes the file's tensors as they
     # are (assign), so the weights are never held twice; it then materialises what is left.
     result = model.load_state_dict(sd, strict=False, assign=on_meta)
-    assert all(k in skipped or k.endswith("num_batches_tracked") for k in result.missing_keys)
+    unloaded = [k for k in result.missing_keys
+                if k not in skipped and not k.endswith("num_batches_tracked")]
+    if unloaded:  # the checks above make this unreachable; never load a model half-way
+        raise RuntimeError(f"{ckpt.path}: keys left unloaded: {', '.join(unloaded)}")
     model.weights_source = str(ckpt.path)  # ResNeXt.init_weights() leaves loaded weights alone
     classes = None if reset_head else ckpt.classes
     num_classes = _fc_out(model.state_dict())
@@ -575,8 +583,10 @@ def export_openmmlab(model: nn.Module, path: str | os.PathLike,
     """Write `model` in OpenMMLab's layout for mmpretrain (load_from=) or mmdetection.
 
     Keys become `backbone.<ours>` and `head.fc.<weight|bias>`; meta carries the class names as
-    both `CLASSES` (mmcls 0.x) and `dataset_meta.classes` (mmpretrain 1.x). Reading the file
-    back with read_checkpoint gives exactly the original tensors.
+    both `CLASSES` (mmcls 0.x) and `dataset_meta.classes` (mmpretrain 1.x), and the model's
+    `preprocessing` (resnext.data.Preprocessing, which mmpretrain ignores) as a plain dict, so
+    that a model trained at another size is evaluated at it after the round trip. Reading the
+    file back with read_checkpoint gives exactly the original tensors.
 
     Args:
         model: a ResNeXt.
@@ -589,4 +599,7 @@ def export_openmmlab(model: nn.Module, path: str | os.PathLike,
     state_dict = {(f"head.{k}" if k.startswith("fc.") else f"backbone.{k}"): v.detach().cpu()
                   for k, v in model.state_dict().items()}
     meta = {"CLASSES": classes, "dataset_meta": {"classes": classes}, "exported_by": "resnext"}
+    preprocessing = getattr(model, "preprocessing", None)
+    if preprocessing is not None:
+        meta["preprocessing"] = preprocessing.to_dict()
     return save_checkpoint({"meta": meta, "state_dict": state_dict}, path)

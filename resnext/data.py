@@ -65,6 +65,14 @@ CROP_FRACTION = 0.875
 class ImageReadError(ValueError):
     """An image file is missing, empty, truncated or not an image; the message names it."""
 
+    def __init__(self, message: str = ""):
+        # A DataLoader re-raises a worker's exception as ImageReadError("Caught ImageReadError
+        # in DataLoader worker process N. Original Traceback ... ImageReadError: <message>"):
+        # keep the one line that names the file.
+        if isinstance(message, str) and message.startswith("Caught ImageReadError"):
+            message = message.rstrip().splitlines()[-1].split("ImageReadError: ", 1)[-1]
+        super().__init__(message)
+
 
 @contextlib.contextmanager
 def _reading(path: str | os.PathLike):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from typing import Any
 
 import torch
@@ -12,8 +13,8 @@ from PIL import Image
 from torch import nn
 
 from .data import Preprocessing, load_image, to_rgb8
-from .pretrained import get_model, preprocessing_of
 from .checkpoint import read_checkpoint
+from .pretrained import get_model
 from .runtime import autocast, maybe_compile, resolve_amp
 
 __all__ = ["InferenceModel", "load_for_inference", "inference_model", "fuse_bn"]
@@ -59,6 +60,7 @@ class InferenceModel(nn.Module):
         class_names: from the weights (or ImageNet's for 1000 classes), else None.
         num_classes: classifier outputs (None without a classifier).
         arch_name: e.g. 'resnext50_32x4d'.
+        load_report: what loading the weights did (resnext.checkpoint.LoadReport), or None.
     """
 
     def __init__(self, net: nn.Module, device: torch.device, amp: torch.dtype | None = None,
@@ -70,11 +72,14 @@ class InferenceModel(nn.Module):
         self.device, self.amp, self.channels_last = device, amp, channels_last
         self.preprocessing = preprocessing or Preprocessing()
         self.class_names, self.num_classes, self.arch_name = class_names, num_classes, arch_name
+        self.load_report = None
+        # Without autocast, inputs take the weights' dtype (a model built with dtype=).
+        self.input_dtype = next(net.parameters()).dtype if amp is None else torch.float32
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) float32 normalised images -> (N, num_classes) float32 logits."""
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, self.input_dtype, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp):
@@ -114,7 +119,7 @@ def load_for_inference(name: str | None, checkpoint: str | os.PathLike | None,
     """
     pretrained = read_checkpoint(checkpoint) if checkpoint else True
     model = get_model(name, pretrained=pretrained, verbose=verbose).to(device)
-    preprocessing = preprocessing_of(pretrained if checkpoint else model.arch_name)
+    preprocessing = model.preprocessing  # from the released table or the file's meta
     if img_size or resize_size:
         preprocessing = Preprocessing(img_size or preprocessing.crop_size, resize_size,
                                       preprocessing.interpolation, preprocessing.mean,
@@ -128,8 +133,18 @@ def load_for_inference(name: str | None, checkpoint: str | os.PathLike | None,
         net = net.to(memory_format=torch.channels_last)
     if compile:
         net = maybe_compile(net, device, announce)
-    return InferenceModel(net, device, resolve_amp(amp, device), channels_last, preprocessing,
-                          model.class_names, model.num_classes or None, model.arch_name)
+    prepared = InferenceModel(net, device, resolve_amp(amp, device), channels_last,
+                              preprocessing, model.class_names, model.num_classes or None,
+                              model.arch_name)
+    prepared.load_report = getattr(model, "load_report", None)
+    if announce and prepared.load_report is not None:
+        report = prepared.load_report
+        # What a user should know of the file: a cast, a skipped EMA copy (all with verbose).
+        said = [str(report)] if verbose else report.notes + [
+            part for part in report.format.split(", ") if part.endswith("skipped")]
+        for line in said:
+            print(f"weights: {line}", file=sys.stderr)
+    return prepared
 
 
 def inference_model(model: nn.Module | str, image: str | os.PathLike | Image.Image,

@@ -110,12 +110,14 @@ def _build_with_weights(factory: Callable[..., ResNeXt], pretrained: bool | str 
                         | Checkpoint, reset_head: bool, dtype: torch.dtype | None,
                         verbose: bool, kwargs: dict) -> ResNeXt:
     name = factory.__name__
+    release = None
     if pretrained is True:
         if name not in RELEASED_WEIGHTS:
             released = sorted({r.factory for r in _RELEASES})
             raise ValueError(f"{name} has no released OpenMMLab weights (released: "
                              f"{', '.join(released)}); pass pretrained='path/or/url.pth'")
-        pretrained = RELEASED_WEIGHTS[name].url
+        release = RELEASED_WEIGHTS[name]
+        pretrained = release.url
     ckpt = pretrained if isinstance(pretrained, Checkpoint) else read_checkpoint(pretrained)
     with torch.device("meta"):
         model = factory(**kwargs)
@@ -124,12 +126,8 @@ def _build_with_weights(factory: Callable[..., ResNeXt], pretrained: bool | str 
     report: LoadReport = load_weights(model, ckpt, reset_head=reset_head, verbose=verbose)
     _materialize_rest(model)
     model.load_report = report
-    model.preprocessing = preprocessing_of(ckpt)
+    model.preprocessing = release.preprocessing if release else preprocessing_of(ckpt)
     return model
-
-
-def _classes(n: int) -> str:
-    return f"{n} classes" if n else "no classifier"
 
 
 def _check_dtype(dtype: torch.dtype | None) -> None:
@@ -224,7 +222,7 @@ def get_model(name: str | None = None, pretrained: bool | str | os.PathLike | Ch
                 factory = _FACTORIES.get(arch.name) or _arch_factory(arch)
         elif arch is not None and wanted in _FACTORIES and arch.name != wanted:
             hint = f"name {arch.name} or none" if arch.name in _FACTORIES else "no name"
-            raise ValueError(f"{ckpt.path} holds {arch.name} ({_classes(arch.num_classes)}); the "
+            raise ValueError(f"{ckpt.path} holds {arch}; the "
                              f"model is {wanted} (give {hint} to build what the file holds)")
         pretrained = ckpt
     name = name or "resnext50_32x4d"

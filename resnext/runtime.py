@@ -15,7 +15,7 @@ from torch import nn
 
 __all__ = ["default_device", "resolve_amp", "amp_name", "autocast", "compile_available",
            "maybe_compile", "available_cpus", "default_workers", "positive_int",
-           "non_negative_int", "add_common_args"]
+           "non_negative_int", "HelpFormatter", "add_common_args"]
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -156,7 +156,19 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def add_common_args(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, except where the help already says what the default
+    is, or the default is None or False (nothing to say)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def add_common_args(parser: argparse.ArgumentParser, batch_size: int = 32,
+                    training: bool = False) -> None:
     """The flags train.py, evaluate.py and predict.py share, with one meaning and default:
     --model, --batch-size (images per process), --workers (default_workers()), --img-size,
     --device, --amp, --channels-last/--no-channels-last (on), --compile, --verbose,
@@ -165,19 +177,22 @@ def add_common_args(parser: argparse.ArgumentParser, batch_size: int = 32) -> No
     Args:
         parser: the script's parser, extended in place.
         batch_size: the script's default images per process (32, the recipe's; predict 16).
+        training: train.py's wording for --model and --img-size (no checkpoint decides them).
     """
     p = parser
     p.add_argument("--model", default=None, help="factory or seed name (resnext50_32x4d, "
-                   "resnext50-32x4d_8xb32_in1k, ...); default: the checkpoint's own, else "
-                   "resnext50_32x4d")
+                   "resnext50-32x4d_8xb32_in1k, ...); default: " + (
+                       "resnext50_32x4d" if training else
+                       "the checkpoint's own, else resnext50_32x4d"))
     p.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help="images per process")
     p.add_argument("--workers", type=non_negative_int, default=default_workers(),
-                   help="data-loading processes per process (default: this node's CPUs per "
-                        "process less one, 1 to 16)")
+                   help=f"data-loading processes per process (default: this node's CPUs per "
+                        f"process less one, 1 to 16: here {default_workers()})")
     p.add_argument("--img-size", type=positive_int, default=None,
                    help="crop size in pixels; evaluation resizes to img-size/0.875 first. "
-                        "Default: the size stored with the weights, else 224")
+                        "Default: " + ("224" if training else
+                                       "the size stored with the weights, else 224"))
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; default cuda when "
                    "available")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16"], default=None,

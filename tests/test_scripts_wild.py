@@ -132,3 +132,38 @@ def test_train_with_debris_and_an_empty_class(tmp_path):
     assert "1 class folders hold no training images: wasps" in res.stderr
     log = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
     assert log[0]["classes"] == 3 and log[0]["num_train"] == 40 and log[-1]["val_images"] == 40
+
+
+def test_broken_image_in_a_worker_is_one_line(tmp_path, checkpoint_at_64):
+    # DataLoader workers re-raise a decode error with their traceback inside the message:
+    # the scripts still say it in one line that names the file.
+    val = tmp_path / "val"
+    shutil.copytree(VAL / "ants", val / "ants")
+    (val / "bees").mkdir()
+    (val / "bees" / "renamed.jpg").write_text("a text file, renamed")
+    res = run("evaluate.py", "--data", val, "--checkpoint", checkpoint_at_64, "--workers", "1")
+    assert res.returncode == 2
+    error_lines = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "renamed.jpg: cannot decode image" in error_lines[0]
+    assert "Traceback" not in res.stderr
+    # Every class folder empty: an error, not a 0% result over 0 images.
+    for p in (val / "ants").iterdir():
+        p.unlink()
+    (val / "bees" / "renamed.jpg").unlink()
+    res = run("evaluate.py", "--data", val, "--checkpoint", checkpoint_at_64, "--workers", "0")
+    assert res.returncode == 2 and "no images to evaluate" in res.stderr
+
+
+def test_predict_answers_in_input_order_with_workers(tmp_path, checkpoint_at_64):
+    photos = sorted((VAL / "ants").iterdir())[:4]
+    (tmp_path / "broken.jpg").write_bytes(photos[0].read_bytes()[:100])
+    inputs = [photos[0], tmp_path / "broken.jpg", *photos[1:], tmp_path / "missing.png"]
+    outputs = {}
+    for workers in ("0", "2"):
+        res = run("predict.py", *inputs, "--checkpoint", checkpoint_at_64, "--json",
+                  "--batch-size", "2", "--workers", workers)
+        assert res.returncode == 1, res.stderr
+        outputs[workers] = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["path"] for r in outputs["0"]] == [str(p) for p in inputs]
+    assert ["error" in r for r in outputs["0"]] == [False, True, False, False, False, True]
+    assert outputs["2"] == outputs["0"]

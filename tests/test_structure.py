@@ -137,16 +137,20 @@ def test_shared_flags_have_one_meaning():
                for name, p in parsers.items()}
     for flag in shared:
         found = [actions[name][flag] for name in SCRIPTS]
-        assert len({a.help for a in found}) == 1, flag
+        assert len({(a.type, repr(a.choices), a.nargs) for a in found}) == 1, flag
         if flag != "--batch-size":  # predict's default batch is smaller, the meaning is one
             assert len({repr(a.default) for a in found}) == 1, flag
+        if flag not in ("--model", "--img-size"):  # train.py has no checkpoint to follow
+            assert len({a.help for a in found}) == 1, flag
     assert actions["train.py"]["--channels-last"].default is True
     assert actions["train.py"]["--workers"].default <= len(os.sched_getaffinity(0))
     for name, parser in parsers.items():
         text = parser.format_help().split("options:")[1]
-        for flag in ("--batch-size", "--workers", "--amp", "--img-size"):
-            entry = text[text.index(flag):].split("\n  --")[0]
-            assert "(default:" in entry, (name, flag)
+        for flag in ("--batch-size", "--workers", "--amp", "--img-size", "--model"):
+            entry = text[text.index(f"\n  {flag} "):]
+            entry = " ".join(entry[1:].split("\n  -")[0].split())
+            assert entry.lower().count("default") == 1, (name, flag, entry)  # said once
+            assert "(default: None)" not in entry
 
 
 @pytest.mark.parametrize("script,flag", [("train.py", "--batch-size"), ("train.py", "--epochs"),
@@ -199,3 +203,16 @@ def test_bottleneck_attributes_as_mmpretrain():
     assert (block.in_channels, block.mid_channels, block.out_channels, block.stride,
             block.groups) == (256, 256, 512, 2, 32)
     assert block.conv2.out_channels == block.mid_channels
+
+
+def test_export_keeps_preprocessing_and_other_dtypes_classify(tmp_path, checkpoint_at_64):
+    model = resnext.get_model(pretrained=str(checkpoint_at_64))
+    resnext.export_openmmlab(model, tmp_path / "exported.pth")
+    again = resnext.get_model(pretrained=str(tmp_path / "exported.pth"))
+    assert again.preprocessing == model.preprocessing == Preprocessing(64, 73)
+    # A model built in bfloat16 takes the usual float32 image (InferenceModel casts it).
+    bf16 = resnext.get_model(pretrained=str(checkpoint_at_64), dtype=torch.bfloat16)
+    bird = DATA / "demo" / "bird.JPEG"
+    got, expected = inference_model(bf16, bird), inference_model(model, bird)
+    assert got["pred_label"] == expected["pred_label"]
+    assert abs(got["pred_score"] - expected["pred_score"]) < 0.05  # bf16 rounding
