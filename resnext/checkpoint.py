@@ -105,6 +105,33 @@ def _ema_copies(sd: Mapping[str, Any]) -> list[str]:
     return ema
 
 
+def _find_state_dict(raw: Any, source: str) -> tuple[Mapping[str, Any], str]:
+    """The state dict inside a loaded checkpoint and the format its layout tells."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{source}: expected a dict holding a state dict, "
+                         f"got {type(raw).__name__}")
+    meta = raw.get("meta") if isinstance(raw.get("meta"), Mapping) else {}
+    if raw and all(_is_weight(v) for v in raw.values()):
+        return raw, "state dict (torchvision/timm layout)"
+    if isinstance(raw.get("model"), Mapping) and not isinstance(raw.get("state_dict"), Mapping):
+        return raw["model"], "torchvision references checkpoint"
+    if not isinstance(raw.get("state_dict"), Mapping):
+        keys = ", ".join(map(str, list(raw)[:20]))
+        raise ValueError(f"{source}: no state dict found (top-level keys: {keys}); expected a "
+                         f"state dict or a dict with 'state_dict' or 'model'")
+    if meta.get("exported_by") == "resnext":
+        fmt = "OpenMMLab layout (resnext export)"
+    elif "CLASSES" in meta:
+        fmt = "mmcls 0.x"
+    elif "dataset_meta" in meta or "message_hub" in raw:
+        fmt = "mmpretrain 1.x"
+    elif "classes" in meta:
+        fmt = "resnext (train.py)"
+    else:
+        fmt = "state_dict checkpoint"
+    return raw["state_dict"], fmt
+
+
 def convert_state_dict(raw: Any, source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
     """Find the state dict in a loaded checkpoint and rename its keys to ours.
 
@@ -125,31 +152,7 @@ def convert_state_dict(raw: Any, source: str = "checkpoint") -> tuple[dict[str, 
             that cannot be tensors, or listing every key that has no place in our layout
             (e.g. mmpretrain `neck.*` or another head's keys).
     """
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{source}: expected a dict holding a state dict, "
-                         f"got {type(raw).__name__}")
-    meta = raw.get("meta") if isinstance(raw.get("meta"), Mapping) else {}
-    if raw and all(_is_weight(v) for v in raw.values()):
-        sd, fmt = raw, "state dict (torchvision/timm layout)"
-    elif isinstance(raw.get("state_dict"), Mapping):
-        sd = raw["state_dict"]
-        if meta.get("exported_by") == "resnext":
-            fmt = "OpenMMLab layout (resnext export)"
-        elif "CLASSES" in meta:
-            fmt = "mmcls 0.x"
-        elif "dataset_meta" in meta or "message_hub" in raw:
-            fmt = "mmpretrain 1.x"
-        elif "classes" in meta:
-            fmt = "resnext (train.py)"
-        else:
-            fmt = "state_dict checkpoint"
-    elif isinstance(raw.get("model"), Mapping):
-        sd, fmt = raw["model"], "torchvision references checkpoint"
-    else:
-        keys = ", ".join(map(str, list(raw)[:20]))
-        raise ValueError(f"{source}: no state dict found (top-level keys: {keys}); expected a "
-                         f"state dict or a dict with 'state_dict' or 'model'")
-
+    sd, fmt = _find_state_dict(raw, source)
     notes: list[str] = []
     ema = _ema_copies(sd)
     if ema:
@@ -436,25 +439,8 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Checkpoint,
     unexpected = [k for k in sd if k not in own]
     wrong = [k for k in sd if k in own and sd[k].shape != own[k].shape]
     if [k for k in missing + unexpected + wrong if not k.startswith("fc.")]:
-        model_name = getattr(model, "arch_name", type(model).__name__)
-        held = _detect_or_none(ckpt.state_dict)
-        if held is not None and held.name != model_name:
-            parts = [f"{ckpt.path} holds {held}; "
-                     f"the model is {model_name}",
-                     "  to build what the file holds, give no model name: get_model(None, "
-                     "pretrained=<file>), or predict.py/evaluate.py without --model"]
-        else:
-            parts = [f"{ckpt.path} ({ckpt.format}) does not fit the model ({model_name}, "
-                     f"{_classes_phrase(model_classes)})"]
-        limit = None if verbose else 10
         wrong_text = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong]
-        for label, keys in (("missing", missing), ("unexpected", unexpected),
-                            ("wrong shape", wrong_text)):
-            if keys:
-                parts.append(f"  {label} ({len(keys)}): {_listing(keys, limit)}")
-        if not verbose and max(len(missing), len(unexpected), len(wrong)) > 10:
-            parts.append("  (verbose=True lists every key)")
-        raise ValueError("\n".join(parts))
+        raise _mismatch(ckpt, model, missing, unexpected, wrong_text, verbose)
     if missing or unexpected or wrong:  # only the classifier differs
         theirs = f"has {_fc_out(sd)} classes" if _fc_out(sd) else "is absent"
         raise ValueError(f"{ckpt.path}: its classifier {theirs}, the model "
@@ -478,14 +464,44 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Checkpoint,
     if unloaded:  # the checks above make this unreachable; never load a model half-way
         raise RuntimeError(f"{ckpt.path}: keys left unloaded: {', '.join(unloaded)}")
     model.weights_source = str(ckpt.path)  # ResNeXt.init_weights() leaves loaded weights alone
-    classes = None if reset_head else ckpt.classes
+    model.class_names = _class_names_for(model, None if reset_head else ckpt.classes, reset_head)
+    return LoadReport(ckpt.format, ckpt.path, len(sd), skipped, model.class_names, file_dtypes,
+                      notes)
+
+
+def _mismatch(ckpt: Checkpoint, model: nn.Module, missing: list[str], unexpected: list[str],
+              wrong: list[str], verbose: bool) -> ValueError:
+    """The error for a file that does not fit: first the architecture it holds (one line),
+    then the key lists, capped at 10 each unless verbose."""
+    model_name = getattr(model, "arch_name", type(model).__name__)
+    held = _detect_or_none(ckpt.state_dict)
+    if held is not None and held.name != model_name:
+        parts = [f"{ckpt.path} holds {held}; the model is {model_name}",
+                 "  to build what the file holds, give no model name: get_model(None, "
+                 "pretrained=<file>), or predict.py/evaluate.py without --model"]
+    else:
+        parts = [f"{ckpt.path} ({ckpt.format}) does not fit the model ({model_name}, "
+                 f"{_classes_phrase(_fc_out(model.state_dict()))})"]
+    limit = None if verbose else 10
+    for label, keys in (("missing", missing), ("unexpected", unexpected),
+                        ("wrong shape", wrong)):
+        if keys:
+            parts.append(f"  {label} ({len(keys)}): {_listing(keys, limit)}")
+    if not verbose and max(len(missing), len(unexpected), len(wrong)) > 10:
+        parts.append("  (verbose=True lists every key)")
+    return ValueError("\n".join(parts))
+
+
+def _class_names_for(model: nn.Module, classes: list[str] | None,
+                     reset_head: bool) -> list[str] | None:
+    """The file's class names when they match the head, else ImageNet-1k's for a 1000-class
+    head (not after reset_head), else None: names that do not match would mislabel."""
     num_classes = _fc_out(model.state_dict())
     if classes is not None and num_classes is not None and len(classes) != num_classes:
-        classes = None  # names that do not match the head would mislabel predictions
+        classes = None
     if classes is None and num_classes == 1000 and not reset_head:
         classes = imagenet_class_names()
-    model.class_names = classes
-    return LoadReport(ckpt.format, ckpt.path, len(sd), skipped, classes, file_dtypes, notes)
+    return classes
 
 
 # --- download ---------------------------------------------------------------------------------
