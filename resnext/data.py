@@ -555,7 +555,23 @@ def set_max_image_pixels(n: int | None) -> None:
     Image.MAX_IMAGE_PIXELS = n or None
 
 
-class ClassFolderDataset(Dataset):
+class _LabelledImages(Dataset):
+    """(transform(loader(path)), label) for each of `samples`, a list of (path, label)."""
+
+    samples: list[tuple[str, int]]
+    loader: Callable
+    transform: Callable | None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        image = self.loader(path)
+        return (self.transform(image) if self.transform else image), label
+
+
+class ClassFolderDataset(_LabelledImages):
     """`root/<class>/<image>` layout (torchvision ImageFolder's) with a chosen label mapping.
 
     Folders and images are found by list_class_folders (links followed, hidden entries
@@ -597,16 +613,8 @@ class ClassFolderDataset(Dataset):
         self.targets = [label for _, label in self.samples]
         self.empty_classes = [name for name in self.classes if not images.get(name)]
 
-    def __len__(self) -> int:
-        return len(self.samples)
 
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        image = self.loader(path)
-        return (self.transform(image) if self.transform else image), label
-
-
-class AnnotationFileDataset(Dataset):
+class AnnotationFileDataset(_LabelledImages):
     """mmpretrain's annotation-file layout: lines `relative/path label`, paths under root.
 
     Args:
@@ -628,7 +636,6 @@ class AnnotationFileDataset(Dataset):
         self.transform = transform
         self.loader = loader
         self.samples: list[tuple[str, int]] = []
-        base = self.root.resolve()
         with open(ann_file, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -638,8 +645,11 @@ class AnnotationFileDataset(Dataset):
                     raise ValueError(f"{ann_file}:{lineno}: expected 'relative/path label', "
                                      f"got {line.strip()!r}")
                 rel, label = parts[0], int(parts[1])
-                path = (self.root / rel)
-                if label < 0 or not path.resolve().is_relative_to(base):
+                path = self.root / rel
+                # Lexically inside root: '..' may not leave it, but links inside it are the
+                # user's own and are followed (as list_images does).
+                inside = not os.path.normpath(rel).startswith(("..", os.sep))
+                if label < 0 or not inside:
                     raise ValueError(f"{ann_file}:{lineno}: label must be >= 0 and the path "
                                      f"inside {self.root}, got {line.strip()!r}")
                 self.samples.append((str(path), label))
@@ -647,14 +657,6 @@ class AnnotationFileDataset(Dataset):
             raise ValueError(f"{ann_file}: no annotations")
         self.targets = [label for _, label in self.samples]
         self.classes = list(classes) if classes is not None else None
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        image = self.loader(path)
-        return (self.transform(image) if self.transform else image), label
 
 
 class UnpaddedDistributedSampler(Sampler[int]):

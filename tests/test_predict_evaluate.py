@@ -290,3 +290,11 @@ def test_dataset_layout_errors(tmp_path):
     bad.write_text("../../etc/passwd 0\n")
     with pytest.raises(ValueError, match="inside"):
         build_dataset(VAL, ann_file=bad)
+    # A link inside the root is the user's own and is followed, wherever it points.
+    root = tmp_path / "linked"
+    root.mkdir()
+    (root / "bird.jpg").symlink_to(BIRD)
+    good = tmp_path / "good.txt"
+    good.write_text("bird.jpg 3\n")
+    ds = build_dataset(root, ann_file=good, transform=eval_transform())
+    assert len(ds) == 1 and ds[0][1] == 3 and ds[0][0].shape == (3, 224, 224)
