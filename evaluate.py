@@ -83,7 +83,8 @@ def evaluate(model: InferenceModel, loader: DataLoader, progress: bool = False,
 
     Args:
         model: an InferenceModel (converts its input, runs autocast); put in eval mode.
-        loader: yields ((N, 3, H, W) float images, (N,) int64 labels).
+        loader: yields ((N, 3, H, W) uint8 crops or float normalised images, (N,) int64
+            labels).
         progress: show a tqdm bar (rank 0).
         return_predictions: also gather per-image results to every rank.
     Returns:
@@ -166,13 +167,16 @@ def main(args: argparse.Namespace) -> dict:
     if args.max_image_pixels is not None:
         set_max_image_pixels(args.max_image_pixels)
     info = init_distributed(args.device)
+    # One input size for the whole run: let cuDNN pick its fastest kernels once (train.py
+    # does the same).
+    torch.backends.cudnn.benchmark = True
     try:
         model = load_for_inference(args.model, args.checkpoint, info.device, amp=args.amp,
                                    fuse=args.fuse_bn, channels_last=args.channels_last,
                                    compile=args.compile, img_size=args.img_size,
                                    resize_size=args.resize_size, verbose=args.verbose,
                                    announce=info.is_main)
-        dataset = build_dataset(args.data, args.ann_file, model.preprocessing.transform(),
+        dataset = build_dataset(args.data, args.ann_file, model.preprocessing.transform(False),
                                 model.class_names, model.num_classes)
         if len(dataset) == 0:
             raise ValueError(f"{args.data}: no images to evaluate (every class folder is empty "

@@ -126,7 +126,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     # Worker processes only pay off from the second batch on (starting one costs ~0.1 s).
     workers = min(args.workers, (len(paths) - 1) // args.batch_size)
-    loader = DataLoader(DecodedImages(paths, model.preprocessing.transform()),
+    loader = DataLoader(DecodedImages(paths, model.preprocessing.transform(False)),
                         batch_size=args.batch_size, num_workers=workers, collate_fn=list)
     failed = 0
     with (open(args.json, "w") if args.json not in (None, "-") else nullcontext(sys.stdout)) as out:

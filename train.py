@@ -36,9 +36,9 @@ from tqdm import tqdm
 
 from evaluate import build_loader, count_topk, evaluate, topk_for
 from resnext.checkpoint import load_weights, read_checkpoint, save_checkpoint
-from resnext.data import (EpochTaggedSampler, FastTrainTransform, Preprocessing,
-                          SeededAugmentation, build_dataset, imagenet_class_names, load_image,
-                          set_max_image_pixels, train_transform)
+from resnext.data import (EpochTaggedSampler, FastTrainTransform, Normalize, Preprocessing,
+                          SeededAugmentation, build_dataset, imagenet_class_names,
+                          load_image, set_max_image_pixels, train_transform)
 from resnext.distributed import cleanup_distributed, init_distributed
 from resnext.inference import InferenceModel
 from resnext.pretrained import get_model
@@ -83,9 +83,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "max-autotune-no-cudagraphs"],
                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--fast-decode", action="store_true",
-                   help="training images: decode JPEGs at reduced scale when the crop allows "
-                        "and crop as uint8 tensors (same random crops/flips; "
-                        "resnext.data.FastTrainTransform)")
+                   help="training images: decode JPEGs at reduced scale when the crop allows, "
+                        "crop as uint8 tensors and normalise whole batches on the device (same "
+                        "random crops/flips; resnext.data.FastTrainTransform)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes "
                    "(the recipe uses per-process BN)")
     p.add_argument("--dist-timeout", type=float, default=1800,
@@ -152,11 +152,14 @@ def build_datasets(root: Path, img_size: int, fast_decode: bool = False):
 
     Returns (train dataset, val dataset, class names, validation Preprocessing)."""
     ann_train, ann_val = root / "meta" / "train.txt", root / "meta" / "val.txt"
-    # FastTrainTransform decodes from the path itself; the reference decodes with load_image.
-    train_tf, train_loader = ((FastTrainTransform(img_size), str) if fast_decode
-                              else (train_transform(img_size), load_image))
+    # FastTrainTransform decodes from the path itself and hands over uint8 crops, which
+    # train_one_epoch normalises on the device; the reference decodes with load_image and
+    # normalises in the worker, as torchvision does. Validation crops are uint8 either way
+    # (InferenceModel normalises them, bitwise as evaluate.py does).
+    train_tf, train_loader = ((FastTrainTransform(img_size, normalize=False), str)
+                              if fast_decode else (train_transform(img_size), load_image))
     preprocessing = Preprocessing(crop_size=img_size)
-    val_tf = preprocessing.transform()
+    val_tf = preprocessing.transform(normalize=False)
     if ann_train.is_file() and ann_val.is_file():
         train_ds = build_dataset(root / "train", ann_train, train_tf, loader=train_loader)
         num_classes = max(train_ds.targets) + 1
@@ -212,6 +215,7 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, epoch: int, ste
     epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, c1, ck
     interval = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, n, non-finite
     images_seen, data_time, start = 0, 0.0, time.perf_counter()
+    normalize = Normalize()  # for --fast-decode's uint8 batches
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
                leave=False)
     for step in range(steps):
@@ -223,6 +227,8 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, epoch: int, ste
             labels = labels.to(device, non_blocking=True)
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
+            if images.dtype == torch.uint8:
+                images = normalize(images)
             # Skip DDP's gradient all-reduce on micro-batches that do not step.
             last_micro = micro == args.accum_steps - 1
             sync = model.no_sync() if world_size > 1 and not last_micro else nullcontext()
@@ -406,16 +412,20 @@ def build_model(args, classes: list[str], device: torch.device, world_size: int,
     return model, raw_model
 
 
-def build_optimizer(args, raw_model, total_batch: int, amp, device: torch.device):
-    """SGD on all parameters (BN and biases included, as mmpretrain's imagenet_bs256; fused
-    on CUDA), lr x gamma at each milestone epoch, and a GradScaler enabled for fp16 autocast.
-    With --auto-scale-lr the lr is scaled by total_batch / 256 (mmpretrain auto_scale_lr)."""
+def build_optimizer(args, raw_model, total_batch: int, amp, device: torch.device,
+                    fused: bool | None = None):
+    """SGD on all parameters (BN and biases included, as mmpretrain's imagenet_bs256), lr x
+    gamma at each milestone epoch, and a GradScaler enabled for fp16 autocast. With
+    --auto-scale-lr the lr is scaled by total_batch / 256 (mmpretrain auto_scale_lr).
+
+    fused: the fused SGD kernel; None: on CUDA only. It takes the GradScaler's inf check on
+    the device, where the unfused step reads it on the host after every step. Both give the
+    same weights to a few ulps (tested on CPU, where torch has the fused kernel too)."""
     lr = args.lr * total_batch / 256 if args.auto_scale_lr else args.lr
-    # On CUDA the fused kernel also takes the GradScaler's inf check on the device, where
-    # the unfused step would read it on the host after every step.
-    fused = {"fused": True} if device.type == "cuda" else {}
+    fused = device.type == "cuda" if fused is None else fused
     optimizer = torch.optim.SGD(raw_model.parameters(), lr=lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, **fused)
+                                weight_decay=args.weight_decay,
+                                **({"fused": True} if fused else {}))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, args.gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     return optimizer, scheduler, scaler

@@ -9,7 +9,8 @@ Every number is a median over --repeats timed runs after --warmup untimed ones, 
 "ratio" divides our images/second (or seconds, or bytes) by the reference's from this same
 process, on this machine, right before or after. References:
   inference / train step: torchvision.models.resnext50_32x4d in a plain fp32 NCHW loop
-  input pipeline:         torchvision ImageFolder + PIL + RandomResizedCrop/flip/ToTensor/Normalize
+  input pipeline:         torchvision ImageFolder + PIL + RandomResizedCrop/flip/ToTensor/Normalize;
+                          the training loader with float32 batches (normalised in the worker)
   cold start / memory:    the same job written with torchvision and torch.load, and a bare
                           `python -c "import torch"` (predict.py's floor)
   end to end (e2e):       train.py on an ImageNet-like JPEG folder made from shared/data photos
@@ -324,6 +325,16 @@ def bench_pipeline(args) -> dict:
         out[label] = [row("torchvision ImageFolder + transforms (reference)", base, base),
                       row(name, images_per_s(ours), base)]
     torch.set_num_threads(threads)
+    # What the batches cost between the worker and the model: collating, passing through
+    # shared memory (and, on CUDA, pinning and copying). float32 is 4x the bytes of uint8.
+    print("Training loader, 1 worker, batch 64, 512 ImageNet-size JPEGs (short side 375)")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_jpeg_folder(args.data, Path(tmp), 512, 375)
+        batches = 15 if args.quick else 30
+        base = loader_images_per_s(root, 64, 1, 224, batches, uint8=False)
+        uint8 = loader_images_per_s(root, 64, 1, 224, batches)
+    out["loader"] = [row("float32 batches (normalised in the worker)", base, base),
+                     row("uint8 batches (normalised on the device)", uint8, base)]
     return out
 
 
@@ -477,10 +488,13 @@ def make_jpeg_folder(data: Path, root: Path, count: int, short_side: int) -> Pat
 
 
 def loader_images_per_s(root: Path, batch: int, workers: int, img_size: int,
-                        batches: int) -> float:
-    """train.py's data loader alone (FastTrainTransform, per-sample seeds, pinned memory)."""
+                        batches: int, uint8: bool = True) -> float:
+    """train.py's data loader alone (FastTrainTransform, per-sample seeds, pinned memory on
+    CUDA): uint8 batches as train.py --fast-decode has them (normalised later on the
+    device), or uint8=False: float32 batches normalised in the workers."""
     from torch.utils.data import DataLoader, RandomSampler
-    dataset = ClassFolderDataset(root / "train", FastTrainTransform(img_size), loader=str)
+    dataset = ClassFolderDataset(root / "train", FastTrainTransform(img_size, normalize=not uint8),
+                                 loader=str)
     sampler = EpochTaggedSampler(RandomSampler(dataset))
     loader = DataLoader(SeededAugmentation(dataset, 0), batch_size=batch, sampler=sampler,
                         num_workers=workers, drop_last=True, persistent_workers=workers > 0,
@@ -538,7 +552,7 @@ def bench_e2e(args, device) -> dict:
             base = steps[0]["images_per_s"] if steps else None
             loader = loader_images_per_s(root, batch, workers, img_size,
                                          batches=max(20, 2000 // batch))
-            rows = [("data loader alone (FastTrainTransform)", loader)]
+            rows = [("data loader alone (uint8 batches)", loader)]
             for compile_ in ([False, True] if args.compile else [False]):
                 name = "train.py" + (" --compile" if compile_ else "")
                 work = Path(tmp) / f"work_{batch}_{compile_}"
@@ -554,6 +568,7 @@ def bench_e2e(args, device) -> dict:
 def main() -> None:
     args = get_args()
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True  # as train.py and evaluate.py run, for all variants
     if args.quick:
         args.batch_sizes = args.batch_sizes[:2]
     info = header(device)

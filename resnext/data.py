@@ -27,8 +27,8 @@ from torch.utils.data import Dataset, Sampler
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "ImageReadError", "load_image",
-    "Preprocessing", "EvalTransform", "eval_transform", "train_transform", "imagenet_wnids",
-    "imagenet_class_names",
+    "Preprocessing", "EvalTransform", "Normalize", "eval_transform", "train_transform",
+    "imagenet_wnids", "imagenet_class_names",
     "ClassFolderDataset", "AnnotationFileDataset", "UnpaddedDistributedSampler",
     "folder_class_mapping", "build_dataset", "FastTrainTransform",
     "to_rgb8", "list_images", "list_class_folders", "set_max_image_pixels",
@@ -203,8 +203,53 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 _INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
+class Normalize:
+    """uint8 pixels -> float32 normalised model input, on whatever device the pixels are.
+
+    ((x / 255) - mean) / std: the operations and order of torchvision's ToTensor + Normalize,
+    so the result on CPU is bitwise theirs. The loaders hand over uint8 batches (4x fewer
+    bytes to collate, pin and copy to the GPU than float32) and the model side normalises.
+    The 255, mean and std are kept as tensors on the pixels' device, never Python scalars:
+    CUDA divides by a scalar as a multiplication by its reciprocal, which can differ from
+    the CPU result in the last bit; a tensor divisor is a true division on both.
+
+    Args:
+        mean, std: per-channel values on the [0, 1] scale (3 each).
+    Call: (..., 3, H, W) uint8 -> same shape float32, same device and memory format.
+    Raises:
+        TypeError: pixels that are not uint8 (already-normalised input must not be scaled
+            twice).
+    """
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if device not in self._constants:
+            self._constants[device] = (
+                torch.tensor(255.0, device=device),
+                torch.tensor(self.mean, dtype=torch.float32, device=device).view(3, 1, 1),
+                torch.tensor(self.std, dtype=torch.float32, device=device).view(3, 1, 1))
+        return self._constants[device]
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"Normalize takes uint8 pixels, got {pixels.dtype}")
+        scale, mean, std = self._on(pixels.device)
+        return pixels.float().div(scale).sub(mean).div(std)
+
+    def __getstate__(self) -> dict:  # DataLoader workers rebuild the constants themselves
+        return {"mean": self.mean, "std": self.std, "_constants": {}}
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean}, std={self.std})"
+
+
 class EvalTransform:
-    """Test preprocessing: RGB PIL image -> (3, crop, crop) float32 normalised tensor.
+    """Test preprocessing: RGB PIL image -> (3, crop, crop) float32 normalised tensor, or the
+    uint8 crop with normalize=False (for a model that normalises on its device).
 
     Resize the short side to `resize_size` (long side floored), centre-crop `crop_size` at
     offsets round((H - crop) / 2), scale to [0, 1], subtract mean, divide by std: the same
@@ -217,15 +262,16 @@ class EvalTransform:
         resize_size: short side after resizing, in pixels; >= crop_size.
         interpolation: 'bilinear' (mmpretrain's PIL resize) or 'bicubic'.
         mean, std: per-channel normalisation on the [0, 1] scale.
+        normalize: False: return the (3, crop, crop) uint8 crop; Normalize(mean, std) of it is
+            the float output, bitwise.
     """
 
     def __init__(self, crop_size: int = 224, resize_size: int = 256,
                  interpolation: str = "bilinear", mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD):
+                 std: Sequence[float] = IMAGENET_STD, normalize: bool = True):
         self.crop_size, self.resize_size = crop_size, resize_size
         self.resample = _INTERPOLATIONS[interpolation]
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.normalize = Normalize(mean, std) if normalize else None
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         w, h = image.size
@@ -238,11 +284,11 @@ class EvalTransform:
         image = image.crop((left, top, left + self.crop_size, top + self.crop_size))
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
         pixels = pixels.view(self.crop_size, self.crop_size, 3).permute(2, 0, 1)
-        return pixels.float().div(255).sub(self.mean).div(self.std)  # (3, crop, crop)
+        return self.normalize(pixels) if self.normalize else pixels  # (3, crop, crop)
 
     def __repr__(self) -> str:
         return (f"EvalTransform(crop_size={self.crop_size}, resize_size={self.resize_size}, "
-                f"resample={self.resample.name.lower()})")
+                f"resample={self.resample.name.lower()}, normalize={self.normalize})")
 
 
 @dataclass(frozen=True)
@@ -283,10 +329,15 @@ class Preprocessing:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean and std need 3 values (std > 0), got {self.mean}, {self.std}")
 
-    def transform(self) -> EvalTransform:
-        """The test transform: RGB PIL image -> (3, crop, crop) float32 normalised tensor."""
+    def transform(self, normalize: bool = True) -> EvalTransform:
+        """The test transform: RGB PIL image -> (3, crop, crop) float32 normalised tensor
+        (normalize=False: the uint8 crop, which `self.normalizer()` turns into the same)."""
         return EvalTransform(self.crop_size, self.resize_size, self.interpolation,
-                             self.mean, self.std)
+                             self.mean, self.std, normalize)
+
+    def normalizer(self) -> Normalize:
+        """uint8 crops -> float32 model input with these weights' mean and std."""
+        return Normalize(self.mean, self.std)
 
     def to_dict(self) -> dict:
         """Plain types, for a checkpoint's meta (weights-only loadable)."""
@@ -347,7 +398,9 @@ class FastTrainTransform:
         1/2 (1/4, 1/8) scale (PIL draft mode, DCT scaling) and resized from there;
       * other JPEGs are decoded by torchvision.io.decode_jpeg (libjpeg-turbo, EXIF applied)
         and cropped/resized as uint8 tensors (antialiased bilinear);
-      * normalisation is one multiply-add on the uint8 crop.
+      * with normalize=False the uint8 crop is returned and the training loop normalises
+        whole batches on the device (Normalize): a quarter of the bytes to collate, pin and
+        copy.
     Outputs differ from train_transform's by resampling detail only (mean |difference| about
     2e-4 in normalised units on hymenoptera photos, same crops and flips). Evaluation keeps
     eval_transform, which is pixel-identical to the reference.
@@ -355,24 +408,24 @@ class FastTrainTransform:
     Args:
         img_size: output side in pixels.
         scale, ratio: RandomResizedCrop's area and aspect ranges (mmpretrain's defaults).
-    Call: path -> (3, img_size, img_size) float32 normalised tensor.
+        normalize: False: return uint8 pixels; Normalize() of them is the float output.
+    Call: path -> (3, img_size, img_size) float32 normalised tensor (uint8 with
+        normalize=False).
     Raises:
         ImageReadError: the file cannot be read or decoded (the message names it).
     """
 
     def __init__(self, img_size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), normalize: bool = True):
         self.img_size, self.scale, self.ratio = img_size, list(scale), list(ratio)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        self.multiplier = 1 / (255 * std)  # uint8 -> (x / 255 - mean) / std in one op
-        self.offset = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / std
+        self.normalize = Normalize() if normalize else None
 
     def __call__(self, path: str | os.PathLike) -> torch.Tensor:
         with _reading(path):
             pixels = self._crop(path)
         if torch.rand(1) < 0.5:  # RandomHorizontalFlip(0.5)
             pixels = pixels.flip(-1)
-        return pixels.float().mul_(self.multiplier).sub_(self.offset)
+        return self.normalize(pixels) if self.normalize else pixels
 
     def _crop(self, path) -> torch.Tensor:
         """(3, img_size, img_size) uint8 crop, drawing the RandomResizedCrop parameters."""

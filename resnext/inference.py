@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .data import Preprocessing, load_image, to_rgb8
+from .data import Normalize, Preprocessing, load_image, to_rgb8
 from .checkpoint import read_checkpoint
 from .pretrained import get_model
 from .runtime import autocast, maybe_compile, resolve_amp
@@ -49,7 +49,10 @@ class InferenceModel(nn.Module):
     """A classifier prepared for inference, with everything needed to feed it.
 
     Holds the (possibly folded, channels_last, compiled) network and converts its input
-    itself: callers pass plain (N, 3, H, W) float32 NCHW images on any device.
+    itself: callers pass plain (N, 3, H, W) images on any device, either float32 normalised
+    ones or the uint8 crops of `preprocessing.transform(normalize=False)`, which are moved
+    to the device first and normalised there (a quarter of the bytes to copy; on CPU the
+    logits are bitwise those of the float32 input, tested).
 
     Attributes:
         net: the module that runs.
@@ -73,12 +76,19 @@ class InferenceModel(nn.Module):
         self.preprocessing = preprocessing or Preprocessing()
         self.class_names, self.num_classes, self.arch_name = class_names, num_classes, arch_name
         self.load_report = None
+        self._normalize = None  # built for the current preprocessing on first uint8 input
         # Without autocast, inputs take the weights' dtype (a model built with dtype=).
         self.input_dtype = next(net.parameters()).dtype if amp is None else torch.float32
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) float32 normalised images -> (N, num_classes) float32 logits."""
+        """(N, 3, H, W) float32 normalised images, or uint8 crops -> (N, num_classes) float32
+        logits."""
+        if images.dtype == torch.uint8:
+            images = images.to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            images = self.normalizer()(images)
         images = images.to(self.device, self.input_dtype, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -86,9 +96,18 @@ class InferenceModel(nn.Module):
             logits = self.net(images)
         return logits.float()
 
+    def normalizer(self) -> Normalize:
+        """uint8 crops -> float32 input with `preprocessing`'s mean and std."""
+        p = self.preprocessing
+        if self._normalize is None or (self._normalize.mean, self._normalize.std) != (p.mean,
+                                                                                     p.std):
+            self._normalize = p.normalizer()
+        return self._normalize
+
     @torch.inference_mode()
     def classify(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) float32 normalised images -> (N, num_classes) float32 softmax scores."""
+        """(N, 3, H, W) float32 normalised images or uint8 crops -> (N, num_classes) float32
+        softmax scores."""
         self.eval()
         return self(images).softmax(dim=1)
 
