@@ -532,15 +532,19 @@ def run_train_py(root: Path, work: Path, device: torch.device, batch: int, worke
     return statistics.median(steady)
 
 
-def bench_e2e(args, device) -> dict:
-    """train.py end to end at 32 and 256 per process (GPU) beside the pure train steps."""
+def bench_e2e(args, device, save=lambda partial: None) -> dict:
+    """train.py end to end at 32 and 256 per process (GPU) beside the pure train steps.
+
+    Each figure is printed and handed to `save` as soon as it is measured, so a run cut
+    short (a lent GPU's time limit) keeps what it had."""
     cuda = device.type == "cuda"
     batches = args.e2e_batches or ([32, 256] if cuda else [8, 16])
     img_size = 224 if cuda else 64
     count = args.e2e_images or (10_000 if cuda else 256)
     workers = args.e2e_workers or resnext.runtime.default_workers()
     amp = resolve_amp("auto", device)
-    out = {"images": count, "img_size": img_size, "workers": workers, "rows": []}
+    out = {"images": count, "img_size": img_size, "workers": workers, "rows": [],
+           "measured": []}
     with tempfile.TemporaryDirectory() as tmp:
         print(f"End to end: train.py on {count} JPEGs (short side 375), {img_size} px crops, "
               f"{workers} workers, --amp auto ({amp_name(amp)}) --fast-decode; ratios vs the "
@@ -550,18 +554,29 @@ def bench_e2e(args, device) -> dict:
             print(f" batch {batch} per process")
             steps = train_steps(args, device, batch, amp) if cuda else []
             base = steps[0]["images_per_s"] if steps else None
-            loader = loader_images_per_s(root, batch, workers, img_size,
-                                         batches=max(20, 2000 // batch))
-            rows = [("data loader alone (uint8 batches)", loader)]
+            out["rows"] += steps
+            save(out)
+
+            def measured(name: str, images_per_s: float) -> tuple[str, float]:
+                # Kept at once; listed again with ratios when the batch is done.
+                print(f"  ({name}: {images_per_s:.1f} img/s)", flush=True)
+                out["measured"].append({"batch": batch, "name": name,
+                                        "images_per_s": images_per_s})
+                save(out)
+                return name, images_per_s
+
+            rows = [measured("data loader alone (uint8 batches)",
+                             loader_images_per_s(root, batch, workers, img_size,
+                                                 batches=max(20, 2000 // batch)))]
             for compile_ in ([False, True] if args.compile else [False]):
                 name = "train.py" + (" --compile" if compile_ else "")
                 work = Path(tmp) / f"work_{batch}_{compile_}"
-                rows.append((name, run_train_py(root, work, device, batch, workers, img_size,
-                                                args.e2e_epochs, compile_)))
-            base = base or rows[-1][1]  # CPU smoke run: no step reference, ratios vs eager
+                rows.append(measured(name, run_train_py(root, work, device, batch, workers,
+                                                        img_size, args.e2e_epochs, compile_)))
+            base = base or rows[1][1]  # CPU smoke run: no step reference, ratios vs eager
             for name, images_per_s in rows:
                 out["rows"].append({"batch": batch, **row(name, images_per_s, base)})
-            out["rows"] += steps
+            save(out)
     return out
 
 
@@ -574,17 +589,23 @@ def main() -> None:
     info = header(device)
     print(json.dumps(info))
     results = {"header": info, "args": {k: str(v) for k, v in vars(args).items()}}
+
+    def save(section: str, partial) -> None:  # after every section: a cut-short run keeps it
+        results[section] = partial
+        tmp = Path(f"{args.json}.tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        os.replace(tmp, args.json)
+
     if "inference" in args.sections:
-        results["inference"] = bench_inference(args, device)
+        save("inference", bench_inference(args, device))
     if "train" in args.sections:
-        results["train"] = bench_train(args, device)
+        save("train", bench_train(args, device))
     if "pipeline" in args.sections:
-        results["pipeline"] = bench_pipeline(args)
+        save("pipeline", bench_pipeline(args))
     if "coldstart" in args.sections:
-        results["coldstart"] = bench_coldstart(args)
+        save("coldstart", bench_coldstart(args))
     if "e2e" in args.sections:
-        results["e2e"] = bench_e2e(args, device)
-    Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        save("e2e", bench_e2e(args, device, save=lambda partial: save("e2e", partial)))
     print(f"wrote {args.json}")
 
 
