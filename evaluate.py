@@ -51,6 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "stdout (or write it to PATH); with k < 5 classes the key is top{k}")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="write per-image predictions (JSON list) here")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (bitwise-reproducible runs, slower on GPU)")
     add_common_args(p)
     return p
 
@@ -167,9 +169,11 @@ def main(args: argparse.Namespace) -> dict:
     if args.max_image_pixels is not None:
         set_max_image_pixels(args.max_image_pixels)
     info = init_distributed(args.device)
-    # One input size for the whole run: let cuDNN pick its fastest kernels once (train.py
-    # does the same).
-    torch.backends.cudnn.benchmark = True
+    if args.deterministic:  # as train.py --deterministic: the same kernels every run
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:  # one input size for the whole run: cuDNN picks its fastest kernels once
+        torch.backends.cudnn.benchmark = True
     try:
         model = load_for_inference(args.model, args.checkpoint, info.device, amp=args.amp,
                                    fuse=args.fuse_bn, channels_last=args.channels_last,

@@ -66,8 +66,9 @@ def _check_json_target(path: str | None) -> None:
 
 
 class DecodedImages(Dataset):
-    """(index, (3, H, W) float32 tensor or None, error message or None) per path, so that a
-    DataLoader's workers decode in parallel and unreadable files are answered in order."""
+    """(index, (3, H, W) uint8 crop or None, error message or None) per path, so that a
+    DataLoader's workers decode in parallel and unreadable files are answered in order (the
+    model normalises the crops on its device)."""
 
     def __init__(self, paths: list[Path], transform):
         self.paths, self.transform = paths, transform

@@ -6,7 +6,7 @@ transforms are built.
 from .checkpoint import (Checkpoint, LoadReport, convert_state_dict, download_weights,
                          export_openmmlab, load_weights, read_checkpoint, save_checkpoint)
 from .complexity import Complexity, get_complexity
-from .data import (IMAGENET_MEAN, IMAGENET_STD, FastTrainTransform, Preprocessing,
+from .data import (IMAGENET_MEAN, IMAGENET_STD, FastTrainTransform, Normalize, Preprocessing,
                    eval_transform, imagenet_class_names, imagenet_wnids, load_image,
                    train_transform)
 from .inference import InferenceModel, fuse_bn, inference_model, load_for_inference
@@ -25,5 +25,6 @@ __all__ = [
     "download_weights", "export_openmmlab", "save_checkpoint",
     "IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "load_image", "eval_transform",
     "train_transform", "imagenet_wnids", "imagenet_class_names", "FastTrainTransform",
+    "Normalize",
     "InferenceModel", "load_for_inference", "inference_model", "fuse_bn",
 ]

@@ -238,7 +238,7 @@ class Normalize:
         if pixels.dtype != torch.uint8:
             raise TypeError(f"Normalize takes uint8 pixels, got {pixels.dtype}")
         scale, mean, std = self._on(pixels.device)
-        return pixels.float().div(scale).sub(mean).div(std)
+        return pixels.float().div_(scale).sub_(mean).div_(std)  # .float() made the one copy
 
     def __getstate__(self) -> dict:  # DataLoader workers rebuild the constants themselves
         return {"mean": self.mean, "std": self.std, "_constants": {}}

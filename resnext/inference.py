@@ -84,12 +84,15 @@ class InferenceModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) float32 normalised images, or uint8 crops -> (N, num_classes) float32
         logits."""
+        # Asynchronous only towards a GPU: a copy back to the host must be complete before
+        # the host reads it.
+        non_blocking = self.device.type == "cuda"
         if images.dtype == torch.uint8:
-            images = images.to(self.device, non_blocking=True)
+            images = images.to(self.device, non_blocking=non_blocking)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             images = self.normalizer()(images)
-        images = images.to(self.device, self.input_dtype, non_blocking=True)
+        images = images.to(self.device, self.input_dtype, non_blocking=non_blocking)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp):

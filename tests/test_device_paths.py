@@ -74,6 +74,20 @@ def test_inference_model_normalises_uint8_input(ants_bees_checkpoint):
         assert not torch.equal(model(as_uint8), model(as_float))
 
 
+def test_inference_model_normalises_on_its_own_device(monkeypatch):
+    # The crops cross to the model's device as uint8 and are normalised there: on the meta
+    # device (a stand-in for a GPU that CPU tests can run) Normalize must see meta pixels.
+    from resnext.inference import InferenceModel
+    net = ResNeXt(50, groups=2, width_per_group=4, num_classes=2).to("meta").eval()
+    model = InferenceModel(net, torch.device("meta"))
+    seen, normalize = [], Normalize.__call__
+    monkeypatch.setattr(Normalize, "__call__",
+                        lambda self, pixels: seen.append(pixels.device) or normalize(self, pixels))
+    logits = model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    assert seen == [torch.device("meta")]
+    assert logits.device.type == "meta" and logits.shape == (2, 2)
+
+
 def _batches(count: int, size: int = 32, batch: int = 4):
     """`count` (uint8 images, labels) batches of real photos through train.py's fast path."""
     transform = FastTrainTransform(size, normalize=False)

@@ -143,6 +143,8 @@ def test_shared_flags_have_one_meaning():
         if flag not in ("--model", "--img-size"):  # train.py has no checkpoint to follow
             assert len({a.help for a in found}) == 1, flag
     assert actions["train.py"]["--channels-last"].default is True
+    assert (actions["train.py"]["--deterministic"].help
+            == actions["evaluate.py"]["--deterministic"].help)
     assert actions["train.py"]["--workers"].default <= len(os.sched_getaffinity(0))
     for name, parser in parsers.items():
         text = parser.format_help().split("options:")[1]
