@@ -162,6 +162,14 @@ def fast_inference_model(model, device, use_compile):
     return maybe_compile(fast, device) if use_compile else fast
 
 
+def fresh_compile_cache() -> None:
+    """Forget compiled graphs before a new batch size. Otherwise the second size seen in this
+    process recompiles with a dynamic batch dimension (dynamo's automatic dynamic shapes),
+    which a real run at one batch size (train.py, evaluate.py) never does."""
+    import torch._dynamo
+    torch._dynamo.reset()
+
+
 def bench_inference(args, device) -> dict:
     print("Inference, resnext50_32x4d, 224x224, images/s (ratio vs torchvision fp32 NCHW)")
     torch.manual_seed(0)
@@ -181,6 +189,7 @@ def bench_inference(args, device) -> dict:
     results = []
     for batch in args.batch_sizes:
         print(f" batch {batch}")
+        fresh_compile_cache()
         x = torch.rand(batch, 3, 224, 224, device=device)
         steps = []
         for name, model, variant_amp, channels_last in variants:
@@ -258,6 +267,7 @@ def train_steps(args, device, batch: int, amp) -> list:
     """Pure train-step images/s: torchvision fp32 NCHW (reference), torchvision AMP fp16 NCHW
     (CUDA), ours as train.py runs it (--amp auto, channels_last), and compiled."""
     torch.manual_seed(0)
+    fresh_compile_cache()
     x = torch.rand(batch, 3, 224, 224, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     variants = [("torchvision fp32 NCHW (reference)", torchvision.models.resnext50_32x4d(),
@@ -276,7 +286,10 @@ def train_steps(args, device, batch: int, amp) -> list:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         xx = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        # Ours steps as train.py does (fused SGD on CUDA); the references use torch's default.
+        fused = {"fused": True} if name.startswith("train.py") and device.type == "cuda" else {}
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4,
+                                    **fused)
         scaler = torch.amp.GradScaler(device.type, enabled=variant_amp == torch.float16)
         run = torch.compile(model) if use_compile else model
 
