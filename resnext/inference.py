@@ -45,6 +45,10 @@ def fuse_bn(model: nn.Module) -> nn.Module:
     return fused
 
 
+def _is_compiled(net: nn.Module) -> bool:
+    return hasattr(net, "_orig_mod")  # what torch.compile returns for a module
+
+
 class InferenceModel(nn.Module):
     """A classifier prepared for inference, with everything needed to feed it.
 
@@ -53,6 +57,11 @@ class InferenceModel(nn.Module):
     ones or the uint8 crops of `preprocessing.transform(normalize=False)`, which are moved
     to the device first and normalised there (a quarter of the bytes to copy; on CPU the
     logits are bitwise those of the float32 input, tested).
+
+    A compiled network is specialised to the batch size of its first call; a smaller batch
+    (a dataset's last one) would compile again, with a dynamic batch dimension, which costs
+    as long as the first compilation. Smaller batches are therefore padded with zeros to that
+    size and the padding's logits dropped (eval mode: rows do not affect each other).
 
     Attributes:
         net: the module that runs.
@@ -77,6 +86,7 @@ class InferenceModel(nn.Module):
         self.class_names, self.num_classes, self.arch_name = class_names, num_classes, arch_name
         self.load_report = None
         self._normalize = None  # built for the current preprocessing on first uint8 input
+        self._compiled_batch = None if _is_compiled(net) else 0  # 0: never pad
         # Without autocast, inputs take the weights' dtype (a model built with dtype=).
         self.input_dtype = next(net.parameters()).dtype if amp is None else torch.float32
         self.eval()
@@ -93,11 +103,17 @@ class InferenceModel(nn.Module):
                 images = images.contiguous(memory_format=torch.channels_last)
             images = self.normalizer()(images)
         images = images.to(self.device, self.input_dtype, non_blocking=non_blocking)
+        n = images.shape[0]
+        if self._compiled_batch is None:
+            self._compiled_batch = n
+        elif n < self._compiled_batch:
+            images = torch.cat([images, images.new_zeros(self._compiled_batch - n,
+                                                         *images.shape[1:])])
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp):
             logits = self.net(images)
-        return logits.float()
+        return logits[:n].float()
 
     def normalizer(self) -> Normalize:
         """uint8 crops -> float32 input with `preprocessing`'s mean and std."""

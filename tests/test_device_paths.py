@@ -168,3 +168,28 @@ def test_train_one_epoch_normalises_uint8_batches_on_the_device():
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
     assert not torch.equal(a.conv1.weight, model.conv1.weight)
+
+
+@pytest.mark.slow
+def test_compiled_inference_pads_a_smaller_last_batch_instead_of_recompiling():
+    from torch._dynamo.utils import counters
+
+    from resnext.inference import InferenceModel
+    from resnext.runtime import compile_available
+    if not compile_available(torch.device("cpu"))[0]:
+        pytest.skip("torch.compile cannot run here")
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(2)
+    net = ResNeXt(50, groups=2, width_per_group=4, num_classes=2).eval()
+    eager = InferenceModel(net, torch.device("cpu"))
+    compiled = InferenceModel(torch.compile(net), torch.device("cpu"))
+    prep = Preprocessing(32, 36)
+    crops = torch.stack([prep.transform(normalize=False)(load_image(p)) for p in PHOTOS[:7]])
+    with torch.no_grad():
+        full, last = compiled(crops[:4]), compiled(crops[4:])
+        expected = eager(crops)
+    assert last.shape == (3, 2)  # the padding's rows are dropped
+    assert counters["stats"]["unique_graphs"] == 1  # no second compilation for 3 images
+    torch.testing.assert_close(torch.cat([full, last]), expected, rtol=1e-4, atol=1e-4)
+    assert eager._compiled_batch == 0  # an eager net is never padded
