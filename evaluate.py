@@ -30,7 +30,7 @@ from resnext.data import (UnpaddedDistributedSampler, build_dataset, imagenet_wn
                           set_max_image_pixels)
 from resnext.distributed import cleanup_distributed, init_distributed
 from resnext.inference import InferenceModel, load_for_inference
-from resnext.runtime import HelpFormatter, add_common_args
+from resnext.runtime import HelpFormatter, add_common_args, select_kernels
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -169,11 +169,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.max_image_pixels is not None:
         set_max_image_pixels(args.max_image_pixels)
     info = init_distributed(args.device)
-    if args.deterministic:  # as train.py --deterministic: the same kernels every run
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:  # one input size for the whole run: cuDNN picks its fastest kernels once
-        torch.backends.cudnn.benchmark = True
+    select_kernels(args.deterministic)
     try:
         model = load_for_inference(args.model, args.checkpoint, info.device, amp=args.amp,
                                    fuse=args.fuse_bn, channels_last=args.channels_last,

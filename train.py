@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import signal
 import sys
 import time
@@ -43,7 +42,7 @@ from resnext.distributed import cleanup_distributed, init_distributed
 from resnext.inference import InferenceModel
 from resnext.pretrained import get_model
 from resnext.runtime import (HelpFormatter, add_common_args, amp_name, autocast, maybe_compile,
-                             positive_int, resolve_amp)
+                             positive_int, resolve_amp, select_kernels)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -373,12 +372,7 @@ def configure(args) -> None:
     """Signals, kernel selection and the image-size limit for this process."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    else:
-        torch.backends.cudnn.benchmark = True
+    select_kernels(args.deterministic)
     if args.max_image_pixels is not None:
         set_max_image_pixels(args.max_image_pixels)
 

@@ -95,6 +95,22 @@ def compile_available(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+def select_kernels(deterministic: bool) -> None:
+    """How this process picks GPU kernels, for train.py and evaluate.py alike.
+
+    deterministic: the same kernels every run (torch's deterministic algorithms, cuDNN's
+    autotuner off, cuBLAS's workspace set as its docs require), so runs are bitwise
+    repeatable and slower; else cuDNN's autotuner times the candidates once per input shape
+    and keeps the fastest (one crop size per run, so it pays off).
+    """
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
 def maybe_compile(model: nn.Module, device: torch.device, announce: bool = True,
                   **compile_kwargs) -> nn.Module:
     """torch.compile where it can run, else the model unchanged.
