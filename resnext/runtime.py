@@ -41,9 +41,12 @@ def resolve_amp(amp: str | torch.dtype | None, device: torch.device) -> torch.dt
     """The autocast dtype for a --amp value, decided once.
 
     'auto' picks by measurement per device class:
-      * CUDA: float16 (with a GradScaler in training). On an H200, resnext50_32x4d trains at
-        4,446 images/s in fp16 vs 3,675 in bf16 (channels_last, batch 256): cuDNN's grouped
-        convolutions are faster in fp16; GPUs without bf16 have only fp16 anyway.
+      * CUDA with fp16 tensor cores (compute capability 7.0, Volta, and newer): float16 (with
+        a GradScaler in training). On an H200, resnext50_32x4d trains at 4,446 images/s in
+        fp16 vs 3,675 in bf16 (channels_last, batch 256): cuDNN's grouped convolutions are
+        faster in fp16; Volta and Turing have no bf16 anyway.
+      * older CUDA GPUs: None (fp32). They have no tensor cores, and consumer Pascal cards
+        run fp16 arithmetic at 1/64 of their fp32 rate (NVIDIA's GP104 specifications).
       * CPU with AVX512-BF16 or AMX: bfloat16 (1.7-3.8x fp32 inference on a 2-core EPYC,
         benchmarks/results_cpu.json). Other CPUs: None (fp32), since bf16 is emulated there.
 
@@ -59,11 +62,18 @@ def resolve_amp(amp: str | torch.dtype | None, device: torch.device) -> torch.dt
         return amp
     if amp == "auto":
         if device.type == "cuda":
-            return torch.float16
+            return torch.float16 if _cuda_has_tensor_cores(device) else None
         return torch.bfloat16 if device.type == "cpu" and _cpu_has_fast_bf16() else None
     if amp not in _AMP_DTYPES:
         raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or None, got {amp!r}")
     return _AMP_DTYPES[amp]
+
+
+def _cuda_has_tensor_cores(device: torch.device) -> bool:
+    try:
+        return torch.cuda.get_device_capability(device) >= (7, 0)
+    except (RuntimeError, AssertionError):  # no usable GPU: moving the model will say so
+        return True
 
 
 def amp_name(dtype: torch.dtype | None) -> str:
@@ -213,8 +223,8 @@ def add_common_args(parser: argparse.ArgumentParser, batch_size: int = 32,
                    "available")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16"], default=None,
                    help="autocast dtype; default fp32 (the reference numbers). auto: fp16 on "
-                        "CUDA (measured faster on H200), bf16 on CPUs with AVX512-BF16/AMX, "
-                        "else fp32")
+                        "GPUs with tensor cores (Volta and newer; measured faster on H200), "
+                        "bf16 on CPUs with AVX512-BF16/AMX, else fp32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory format (same results to float rounding, faster)")
     p.add_argument("--compile", action="store_true",

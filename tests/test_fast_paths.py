@@ -77,13 +77,19 @@ def test_fuse_bn_keeps_outputs_and_original():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_resolve_amp():
+def test_resolve_amp(monkeypatch):
     flags = open("/proc/cpuinfo").read().split()
     native = "avx512_bf16" in flags or "amx_bf16" in flags
     assert resolve_amp("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
     assert resolve_amp(None, torch.device("cpu")) is None
     assert resolve_amp("fp16", torch.device("cpu")) == torch.float16
-    assert resolve_amp("auto", torch.device("cuda")) == torch.float16  # measured on H200
+    # CUDA by device class: fp16 from Volta (7.0) on (measured on an H200, 9.0), fp32 before.
+    for capability, expected in (((9, 0), torch.float16), ((7, 0), torch.float16),
+                                 ((6, 1), None), ((5, 2), None)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability",
+                            lambda device=None, c=capability: c)
+        assert resolve_amp("auto", torch.device("cuda")) == expected, capability
+        assert resolve_amp("fp16", torch.device("cuda")) == torch.float16  # asked is asked
     with pytest.raises(ValueError, match="fp8"):
         resolve_amp("fp8", torch.device("cpu"))
 
