@@ -271,14 +271,16 @@ def test_fast_options_train_and_validate(tmp_path):
     assert "epoch 1/1:" in res.stdout
 
 
-def test_worker_count_does_not_change_the_run(tmp_path):
+@pytest.mark.parametrize("decode", [[], ["--fast-decode"]])
+def test_worker_count_does_not_change_the_run(tmp_path, decode):
     # Augmentation is drawn per sample from (seed, epoch, index): 0 or 2 loader workers
-    # (persistent across epochs) train bitwise-identical weights.
+    # (persistent across epochs) train bitwise-identical weights, also when the batches
+    # cross from the workers as uint8 (--fast-decode) and are normalised in the loop.
     runs = {}
     for workers in (0, 2):
         work = tmp_path / f"w{workers}"
         run_ok([sys.executable, *train_cmd(work, "--epochs", "2", "--val-interval", "2",
-                                           workers=workers)])
+                                           *decode, workers=workers)])
         runs[workers] = weights(work / "last.pth")
     assert_same_state(runs[0], runs[2])
 
