@@ -181,6 +181,7 @@ def main(args: argparse.Namespace) -> dict:
         if len(dataset) == 0:
             raise ValueError(f"{args.data}: no images to evaluate (every class folder is empty "
                              f"or holds no image files)")
+        model.pad_to = min(args.batch_size, len(dataset))  # a compiled model's one batch size
         note = describe_mapping(dataset, model)
         if note and info.is_main:
             print(f"evaluate.py: {note}", file=sys.stderr)

@@ -125,6 +125,7 @@ def main(args: argparse.Namespace) -> int:
     if not paths:
         print(f"predict.py: no images found in {' '.join(args.inputs)}", file=sys.stderr)
         return 1
+    model.pad_to = min(args.batch_size, len(paths))  # a compiled model's one batch size
     # Worker processes only pay off from the second batch on (starting one costs ~0.1 s).
     workers = min(args.workers, (len(paths) - 1) // args.batch_size)
     loader = DataLoader(DecodedImages(paths, model.preprocessing.transform(False)),

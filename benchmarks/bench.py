@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -541,16 +542,23 @@ def run_train_py(root: Path, work: Path, device: torch.device, batch: int, worke
            str(img_size), "--epochs", str(epochs), "--val-interval", str(epochs),
            "--log-interval", "10", "--amp", "auto", "--fast-decode", "--work-dir", str(work)]
     cmd += ["--compile"] if compile_ else []
+    # Its own process group, so that a timeout also ends its loader workers.
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
-        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        print(f"  train.py ran past {timeout:g} s (--e2e-timeout); no figure", flush=True)
-        return float("nan")
-    if res.returncode != 0:
-        raise RuntimeError(f"train.py failed:\n{res.stderr[-3000:]}")
-    records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        print(f"  train.py ran past {timeout:g} s (--e2e-timeout); figure from the intervals "
+              f"it logged after epoch 1, if any", flush=True)
+    else:
+        if proc.returncode != 0:
+            raise RuntimeError(f"train.py failed:\n{err[-3000:]}")
+    log = work / "log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     steady = [r["images_per_s"] for r in records if r["type"] == "train" and r["epoch"] > 1]
-    return statistics.median(steady)
+    return statistics.median(steady) if steady else float("nan")
 
 
 def bench_e2e(args, device, save=lambda partial: None) -> dict:
@@ -603,6 +611,17 @@ def bench_e2e(args, device, save=lambda partial: None) -> dict:
     return out
 
 
+def without_nan(value):
+    """A missing figure (NaN) as JSON null: NaN is not JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: without_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nan(v) for v in value]
+    return value
+
+
 def main() -> None:
     args = get_args()
     device = torch.device(args.device)
@@ -616,7 +635,7 @@ def main() -> None:
     def save(section: str, partial) -> None:  # after every section: a cut-short run keeps it
         results[section] = partial
         tmp = Path(f"{args.json}.tmp")
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        tmp.write_text(json.dumps(without_nan(results), indent=1) + "\n")
         os.replace(tmp, args.json)
 
     if "inference" in args.sections:

@@ -46,7 +46,8 @@ def fuse_bn(model: nn.Module) -> nn.Module:
 
 
 def _is_compiled(net: nn.Module) -> bool:
-    return hasattr(net, "_orig_mod")  # what torch.compile returns for a module
+    # torch.compile(module) returns a wrapper with _orig_mod; module.compile() compiles in place.
+    return hasattr(net, "_orig_mod") or getattr(net, "_compiled_call_impl", None) is not None
 
 
 class InferenceModel(nn.Module):
@@ -58,10 +59,10 @@ class InferenceModel(nn.Module):
     to the device first and normalised there (a quarter of the bytes to copy; on CPU the
     logits are bitwise those of the float32 input, tested).
 
-    A compiled network is specialised to the batch size of its first call; a smaller batch
-    (a dataset's last one) would compile again, with a dynamic batch dimension, which costs
-    as long as the first compilation. Smaller batches are therefore padded with zeros to that
-    size and the padding's logits dropped (eval mode: rows do not affect each other).
+    A compiled network is specialised to the batch size it first runs; a smaller batch (a
+    dataset's last one) would compile again, with a dynamic batch dimension, which costs as
+    long as the first compilation. Smaller batches are therefore padded with zeros to
+    `pad_to` and the padding's logits dropped (eval mode: rows do not affect each other).
 
     Attributes:
         net: the module that runs.
@@ -73,6 +74,9 @@ class InferenceModel(nn.Module):
         num_classes: classifier outputs (None without a classifier).
         arch_name: e.g. 'resnext50_32x4d'.
         load_report: what loading the weights did (resnext.checkpoint.LoadReport), or None.
+        pad_to: for a compiled network, the batch size smaller batches are padded to; the
+            scripts set their --batch-size, else it is the largest batch seen so far.
+            Ignored when the network is not compiled.
     """
 
     def __init__(self, net: nn.Module, device: torch.device, amp: torch.dtype | None = None,
@@ -86,7 +90,8 @@ class InferenceModel(nn.Module):
         self.class_names, self.num_classes, self.arch_name = class_names, num_classes, arch_name
         self.load_report = None
         self._normalize = None  # built for the current preprocessing on first uint8 input
-        self._compiled_batch = None if _is_compiled(net) else 0  # 0: never pad
+        self.pad_to: int | None = None
+        self._pads = _is_compiled(net)
         # Without autocast, inputs take the weights' dtype (a model built with dtype=).
         self.input_dtype = next(net.parameters()).dtype if amp is None else torch.float32
         self.eval()
@@ -104,16 +109,19 @@ class InferenceModel(nn.Module):
             images = self.normalizer()(images)
         images = images.to(self.device, self.input_dtype, non_blocking=non_blocking)
         n = images.shape[0]
-        if self._compiled_batch is None:
-            self._compiled_batch = n
-        elif n < self._compiled_batch:
-            images = torch.cat([images, images.new_zeros(self._compiled_batch - n,
-                                                         *images.shape[1:])])
+        if self._pads:
+            if self.pad_to is None or n > self.pad_to:
+                self.pad_to = n
+            elif n < self.pad_to:
+                images = torch.cat([images, images.new_zeros(self.pad_to - n,
+                                                             *images.shape[1:])])
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp):
             logits = self.net(images)
-        return logits[:n].float()
+        # A copy for compiled nets: with CUDA graphs the output buffer is reused by the next
+        # call, and .float() does not copy fp32 logits.
+        return logits[:n].to(torch.float32, copy=self._pads)
 
     def normalizer(self) -> Normalize:
         """uint8 crops -> float32 input with `preprocessing`'s mean and std."""

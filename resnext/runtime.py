@@ -45,9 +45,10 @@ def resolve_amp(amp: str | torch.dtype | None, device: torch.device) -> torch.dt
         a GradScaler in training). On an H200, resnext50_32x4d trains at 4,446 images/s in
         fp16 vs 3,675 in bf16 (channels_last, batch 256): cuDNN's grouped convolutions are
         faster in fp16; Volta and Turing have no bf16 anyway.
-      * older CUDA GPUs: None (fp32). They have no tensor cores, and consumer Pascal cards
-        run fp16 arithmetic at 1/64 of their fp32 rate (NVIDIA's GP104 specifications).
-      * CPU with AVX512-BF16 or AMX: bfloat16 (1.7-3.8x fp32 inference on a 2-core EPYC,
+      * older CUDA GPUs: None (fp32). They have no tensor cores; consumer Pascal (6.1) runs
+        fp16 arithmetic at 1/64 of its fp32 rate (NVIDIA's GP104 specifications). The P100
+        (6.0) has fast fp16, but nobody measured it here, so it gets fp32 too.
+      * CPU with AVX512-BF16 or AMX: bfloat16 (1.5-3.9x fp32 inference on a 2-core EPYC,
         benchmarks/results_cpu.json). Other CPUs: None (fp32), since bf16 is emulated there.
 
     Args:
@@ -118,6 +119,7 @@ def select_kernels(deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     else:
+        torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = True
 
 

@@ -193,22 +193,22 @@ def test_compiled_inference_pads_a_smaller_last_batch_instead_of_recompiling():
     assert last.shape == (3, 2)  # the padding's rows are dropped
     assert counters["stats"]["unique_graphs"] == 1  # no second compilation for 3 images
     torch.testing.assert_close(torch.cat([full, last]), expected, rtol=1e-4, atol=1e-4)
-    assert eager._compiled_batch == 0  # an eager net is never padded
+    assert compiled.pad_to == 4 and not eager._pads  # an eager net is never padded
 
 
 def test_select_kernels_for_train_and_evaluate(monkeypatch):
     # --deterministic in either script: deterministic algorithms, no cuDNN autotuning, and
     # the cuBLAS workspace that deterministic matmuls on CUDA require; else the autotuner.
     from resnext.runtime import select_kernels
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "x")  # so that the undo removes it again
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     try:
         select_kernels(True)
         assert torch.are_deterministic_algorithms_enabled()
         assert not torch.backends.cudnn.benchmark
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-        torch.use_deterministic_algorithms(False)
-        select_kernels(False)
+        select_kernels(False)  # a later run in the same process is not left deterministic
         assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(before[0])

@@ -90,6 +90,12 @@ def test_resolve_amp(monkeypatch):
                             lambda device=None, c=capability: c)
         assert resolve_amp("auto", torch.device("cuda")) == expected, capability
         assert resolve_amp("fp16", torch.device("cuda")) == torch.float16  # asked is asked
+
+    def no_gpu(device=None):
+        raise RuntimeError("Found no NVIDIA driver on your system")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", no_gpu)
+    # The query failing is not this function's error to raise: moving the model will say it.
+    assert resolve_amp("auto", torch.device("cuda")) == torch.float16
     with pytest.raises(ValueError, match="fp8"):
         resolve_amp("fp8", torch.device("cpu"))
 
