@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from resnext.data import (UnpaddedDistributedSampler, build_dataset, imagenet_wn
                           set_max_image_pixels)
 from resnext.distributed import cleanup_distributed, init_distributed
 from resnext.inference import InferenceModel, load_for_inference
-from resnext.runtime import HelpFormatter, add_common_args, select_kernels
+from resnext.runtime import HelpFormatter, add_common_args, run_cli, select_kernels
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -221,12 +220,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    arguments = get_args_parser().parse_args()
-    try:
-        main(arguments)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli("evaluate.py", main, get_args_parser().parse_args())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
 from contextlib import nullcontext
@@ -24,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from resnext.data import (IMAGE_EXTENSIONS, ImageReadError, list_images, load_image,
                           set_max_image_pixels)
 from resnext.inference import load_for_inference
-from resnext.runtime import HelpFormatter, add_common_args, default_device, positive_int
+from resnext.runtime import (HelpFormatter, add_common_args, default_device, positive_int,
+                             run_cli)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -147,14 +147,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    arguments = get_args_parser().parse_args()
-    try:
-        sys.exit(main(arguments))
-    except BrokenPipeError:
-        # `predict.py ... | head`: the reader left. Point stdout at devnull so that Python's
-        # final flush does not raise again, and end quietly as other Unix tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"predict.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli("predict.py", main, get_args_parser().parse_args())

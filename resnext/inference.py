@@ -102,11 +102,8 @@ class InferenceModel(nn.Module):
         # Asynchronous only towards a GPU: a copy back to the host must be complete before
         # the host reads it.
         non_blocking = self.device.type == "cuda"
-        if images.dtype == torch.uint8:
-            images = images.to(self.device, non_blocking=non_blocking)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            images = self.normalizer()(images)
+        if images.dtype == torch.uint8:  # copy the 1-byte pixels, normalise on the device
+            images = self.normalizer()(images.to(self.device, non_blocking=non_blocking))
         images = images.to(self.device, self.input_dtype, non_blocking=non_blocking)
         n = images.shape[0]
         if self._pads:

@@ -9,13 +9,15 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import sys
+from typing import Callable, NoReturn
 
 import torch
 from torch import nn
 
 __all__ = ["default_device", "resolve_amp", "amp_name", "autocast", "compile_available",
            "maybe_compile", "available_cpus", "default_workers", "positive_int",
-           "non_negative_int", "HelpFormatter", "add_common_args"]
+           "non_negative_int", "HelpFormatter", "add_common_args", "select_kernels", "run_cli"]
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -237,3 +239,24 @@ def add_common_args(parser: argparse.ArgumentParser, batch_size: int = 32,
     p.add_argument("--max-image-pixels", type=non_negative_int, default=None,
                    help="refuse images with more pixels than this (decompression-bomb guard); "
                         "0 = no limit; default Pillow's 89,478,485")
+
+
+def run_cli(prog: str, main: Callable[[argparse.Namespace], object],
+            args: argparse.Namespace) -> NoReturn:
+    """Run predict.py's or evaluate.py's main and exit the way command-line tools do.
+
+    Exit status: main's return value when it is an int, else 0; 2 with one line
+    "prog: error: ..." on stderr for ValueError, RuntimeError or FileNotFoundError (bad
+    input, named by the message; ImageReadError is a ValueError); 141, silently, when the
+    reader of stdout left (`predict.py ... | head`), as other Unix tools end.
+    """
+    try:
+        status = main(args)
+    except BrokenPipeError:
+        # Point stdout at devnull so that Python's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status if isinstance(status, int) else 0)
