@@ -62,17 +62,20 @@ def default_data() -> Path:
 
 def get_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--data", type=Path, default=default_data(),
                    help="shared/data folder (hymenoptera_data, demo, imagenet_samples)")
     p.add_argument("--sections", nargs="+",
                    default=["inference", "train", "pipeline", "coldstart"],
-                   choices=["inference", "train", "pipeline", "coldstart", "e2e"])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+                   choices=["inference", "train", "pipeline", "coldstart", "e2e"],
+                   help="what to measure (e2e, train.py end to end, is meant for a GPU)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64],
+                   help="inference batch sizes")
     p.add_argument("--train-batch", type=int, default=None, help="default 16 CPU / 256 GPU")
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed runs (compiled variants get 10 more)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed runs; every figure is their median")
     p.add_argument("--compile", action="store_true", help="add torch.compile to our fast paths")
     p.add_argument("--checkpoint", default=None,
                    help="weights for the top-1 agreement check (default: random weights "
