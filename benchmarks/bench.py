@@ -61,8 +61,9 @@ def default_data() -> Path:
 
 
 def get_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=resnext.runtime.HelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--data", type=Path, default=default_data(),
                    help="shared/data folder (hymenoptera_data, demo, imagenet_samples)")
     p.add_argument("--sections", nargs="+",
@@ -86,8 +87,8 @@ def get_args() -> argparse.Namespace:
     p.add_argument("--e2e-batches", type=int, nargs="+", default=None,
                    help="per-process batches for e2e (default 256 32 GPU / 8 16 CPU)")
     p.add_argument("--e2e-timeout", type=float, default=300,
-                   help="seconds one train.py run may take before it is given up (its figure "
-                        "is then missing and the benchmark goes on)")
+                   help="seconds one train.py run may take before it is stopped (its figure "
+                        "then comes from the intervals it logged after epoch 1, if any)")
     p.add_argument("--e2e-epochs", type=int, default=3,
                    help="train.py epochs per e2e run; epochs after the first are timed")
     p.add_argument("--e2e-workers", type=int, default=None,
