@@ -4,6 +4,7 @@
     python benchmarks/bench.py --device cuda --compile --json bench_cuda.json
     python benchmarks/bench.py --sections pipeline coldstart --quick
     python benchmarks/bench.py --device cuda --compile --sections e2e inference --batch-sizes 256  # one H200, ~8 min
+    python benchmarks/bench.py --device cuda --compile --sections e2e --e2e-batches 32 --e2e-compile-modes reduce-overhead
 
 Every number is a median over --repeats timed runs after --warmup untimed ones, and every
 "ratio" divides our images/second (or seconds, or bytes) by the reference's from this same
@@ -93,6 +94,10 @@ def get_args() -> argparse.Namespace:
                    help="train.py epochs per e2e run; epochs after the first are timed")
     p.add_argument("--e2e-workers", type=int, default=None,
                    help="loader workers for e2e (default: train.py's default)")
+    p.add_argument("--e2e-compile-modes", nargs="+", default=["default"],
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="with --compile, one train.py --compile run per torch.compile mode "
+                        "(reduce-overhead: CUDA graphs, for small per-GPU batches)")
     p.add_argument("--json", default="bench.json", help="where to write the results")
     args = p.parse_args()
     if args.quick:
@@ -157,7 +162,7 @@ def header(device: torch.device) -> dict:
 
 def row(name: str, images_per_s: float, reference: float, extra: str = "") -> dict:
     ratio = images_per_s / reference
-    print(f"  {name:<44} {images_per_s:10.1f} img/s  {ratio:6.2f}x  {extra}", flush=True)
+    print(f"  {name:<52} {images_per_s:10.1f} img/s  {ratio:6.2f}x  {extra}", flush=True)
     return {"name": name, "images_per_s": images_per_s, "ratio": ratio}
 
 
@@ -537,15 +542,17 @@ def loader_images_per_s(root: Path, batch: int, workers: int, img_size: int,
 
 
 def run_train_py(root: Path, work: Path, device: torch.device, batch: int, workers: int,
-                 img_size: int, epochs: int, compile_: bool, timeout: float) -> float:
+                 img_size: int, epochs: int, compile_mode: str | None, timeout: float) -> float:
     """Steady-state images/s of `python train.py` from its log: the median of the interval
     records after the first epoch (start-up, compilation and cuDNN autotuning excluded);
-    NaN when it ran past `timeout` seconds."""
+    NaN when it ran past `timeout` seconds. compile_mode None: eager; else --compile with
+    that torch.compile mode."""
     cmd = [sys.executable, str(REPO / "train.py"), "--data", str(root), "--device",
            str(device), "--batch-size", str(batch), "--workers", str(workers), "--img-size",
            str(img_size), "--epochs", str(epochs), "--val-interval", str(epochs),
            "--log-interval", "10", "--amp", "auto", "--fast-decode", "--work-dir", str(work)]
-    cmd += ["--compile"] if compile_ else []
+    if compile_mode is not None:
+        cmd += ["--compile", "--compile-mode", compile_mode]
     # Its own process group, so that a timeout also ends its loader workers.
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -578,7 +585,7 @@ def bench_e2e(args, device, save=lambda partial: None) -> dict:
     workers = args.e2e_workers or resnext.runtime.default_workers()
     amp = resolve_amp("auto", device)
     out = {"images": count, "img_size": img_size, "workers": workers, "rows": [],
-           "measured": []}
+           "measured": [], "errors": []}
     with tempfile.TemporaryDirectory() as tmp:
         print(f"End to end: train.py on {count} JPEGs (short side 375), {img_size} px crops, "
               f"{workers} workers, --amp auto ({amp_name(amp)}) --fast-decode; ratios vs the "
@@ -602,12 +609,18 @@ def bench_e2e(args, device, save=lambda partial: None) -> dict:
             rows = [measured("data loader alone (uint8 batches)",
                              loader_images_per_s(root, batch, workers, img_size,
                                                  batches=max(20, 2000 // batch)))]
-            for compile_ in ([False, True] if args.compile else [False]):
-                name = "train.py" + (" --compile" if compile_ else "")
-                work = Path(tmp) / f"work_{batch}_{compile_}"
-                rows.append(measured(name, run_train_py(root, work, device, batch, workers,
-                                                        img_size, args.e2e_epochs, compile_,
-                                                        args.e2e_timeout)))
+            for mode in [None] + (args.e2e_compile_modes if args.compile else []):
+                name = "train.py" + ({None: "", "default": " --compile"}.get(
+                    mode, f" --compile --compile-mode {mode}"))
+                work = Path(tmp) / f"work_{batch}_{mode}"
+                try:
+                    images_per_s = run_train_py(root, work, device, batch, workers, img_size,
+                                                args.e2e_epochs, mode, args.e2e_timeout)
+                except RuntimeError as error:  # keep going: the other runs still measure
+                    print(f"  {name} failed, no figure:\n{error}", flush=True)
+                    out["errors"].append({"batch": batch, "name": name, "error": str(error)})
+                    images_per_s = float("nan")
+                rows.append(measured(name, images_per_s))
             base = base or rows[1][1]  # CPU smoke run: no step reference, ratios vs eager
             for name, images_per_s in rows:
                 out["rows"].append({"batch": batch, **row(name, images_per_s, base)})
