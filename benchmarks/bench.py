@@ -3,7 +3,7 @@
     python benchmarks/bench.py                       # CPU, all sections, about 10 minutes on 2 cores
     python benchmarks/bench.py --device cuda --compile --json bench_cuda.json
     python benchmarks/bench.py --sections pipeline coldstart --quick
-    python benchmarks/bench.py --device cuda --compile --sections e2e inference --batch-sizes 256  # one H200, ~8 min
+    python benchmarks/bench.py --device cuda --compile --sections e2e inference --batch-sizes 256  # one H200, 8-10 min
     python benchmarks/bench.py --device cuda --compile --sections e2e --e2e-batches 32 --e2e-compile-modes reduce-overhead
 
 Every number is a median over --repeats timed runs after --warmup untimed ones, and every
@@ -17,7 +17,10 @@ process, on this machine, right before or after. References:
   end to end (e2e):       train.py on an ImageNet-like JPEG folder made from shared/data photos
                           (short side 375, replicated), steady-state images/s from its log,
                           and its data loader alone, against the pure train steps of
-                          torchvision fp32 NCHW and AMP fp16 at the same batch
+                          torchvision fp32 NCHW and AMP fp16 at the same batch;
+                          evaluate.py's pipeline over 5 x that folder (50,000 JPEGs, as
+                          ImageNet val) and its loader alone, against torchvision fp32
+                          NCHW inference at the same batch
 Our fast paths are the scripts' opt-in options: predict.py/evaluate.py --amp auto (--fuse-bn
 on CPU; channels_last is the default), train.py --amp auto (--compile) and --fast-decode.
 This is a benchmark, not a test: nothing here fails on a slow machine.
@@ -541,6 +544,57 @@ def loader_images_per_s(root: Path, batch: int, workers: int, img_size: int,
     return n / (time.perf_counter() - start)
 
 
+def evaluate_rows(root: Path, batch: int, workers: int, device: torch.device, amp,
+                  repeats: int) -> list[dict]:
+    """evaluate.py's pipeline over the e2e training folder repeated `repeats` times (5 x
+    10,000 = 50,000 JPEGs on GPU, ImageNet's validation size): its dataset (the
+    pixel-identical eval transform, uint8 crops), its loader (evaluate.build_loader: in
+    order, pinned memory on CUDA) and evaluate.evaluate() with the --amp auto fast path
+    (eager, random weights). Each figure is one whole pass in a fresh loader, as evaluate.py
+    runs it: worker start and the last partial batch included; cuDNN autotuning is done
+    before, on two batches. The reference is torchvision's model, fp32 NCHW, on a random
+    batch already on the device (model throughput only).
+
+    Returns:
+        rows (printed as measured): the reference, evaluate() and the loader alone.
+    """
+    from torch.utils.data import ConcatDataset
+    from evaluate import build_loader, evaluate
+    from resnext.inference import InferenceModel
+    net = fast_inference_model(resnext.resnext50_32x4d().eval().to(device), device, False)
+    model = InferenceModel(net, device, amp=amp, arch_name="resnext50_32x4d")
+    folder = ClassFolderDataset(root / "train", model.preprocessing.transform(normalize=False))
+    dataset = ConcatDataset([folder] * repeats)
+    cuda = device.type == "cuda"
+
+    def new_loader():
+        return build_loader(dataset, batch, workers, 0, 1, pin_memory=cuda)
+
+    reference = torchvision.models.resnext50_32x4d().eval().to(device)
+    x = torch.rand(batch, 3, 224, 224, device=device)
+    with torch.inference_mode():
+        reference_rate = batch / median_time(lambda: reference(x), device, 2, 5)
+    del reference, x
+    out = [row("torchvision fp32 NCHW inference (reference)", reference_rate, reference_rate)]
+    warm = iter(new_loader())
+    with torch.inference_mode():
+        for _ in range(2):
+            model(next(warm)[0])
+    del warm
+    start = time.perf_counter()
+    evaluate(model, new_loader())
+    sync(device)
+    seconds = time.perf_counter() - start
+    out.append(row("evaluate.py pipeline (evaluate())", len(dataset) / seconds, reference_rate))
+    start = time.perf_counter()
+    for _ in new_loader():
+        pass
+    seconds = time.perf_counter() - start
+    out.append(row("evaluate.py data loader alone (uint8 crops)", len(dataset) / seconds,
+                   reference_rate))
+    return out
+
+
 def run_train_py(root: Path, work: Path, device: torch.device, batch: int, workers: int,
                  img_size: int, epochs: int, compile_mode: str | None, timeout: float) -> float:
     """Steady-state images/s of `python train.py` from its log: the median of the interval
@@ -625,6 +679,14 @@ def bench_e2e(args, device, save=lambda partial: None) -> dict:
             for name, images_per_s in rows:
                 out["rows"].append({"batch": batch, **row(name, images_per_s, base)})
             save(out)
+            if batch == batches[0]:  # evaluate.py at the goal's batch (256 on GPU)
+                repeats = 5 if cuda else 1
+                print(f" evaluate.py at batch {batch}, {repeats * count} JPEGs (eval transform, "
+                      f"224 px), --amp auto, eager; ratios vs the pure torchvision fp32 NCHW "
+                      f"inference at the same batch")
+                out["evaluate"] = [{"batch": batch, **r} for r in evaluate_rows(
+                    root, batch, workers, device, amp, repeats)]
+                save(out)
     return out
 
 
