@@ -224,9 +224,16 @@ def test_safetensors_without_the_package_is_a_clear_error(tmp_path, monkeypatch)
         read_checkpoint(tmp_path / "m.safetensors")
 
 
+def blank_state_dict(factory) -> dict:
+    """The model's keys and shapes holding zeros, without drawing random weights."""
+    with torch.device("meta"):
+        model = factory()
+    return {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}
+
+
 def test_wrong_architecture_fails_listing_keys(tmp_path):
     # A 101 checkpoint into a 50: the extra blocks of layer3 are listed.
-    big = resnext.resnext101_32x4d().state_dict()
+    big = blank_state_dict(resnext.resnext101_32x4d)
     torch.save({"state_dict": openmmlab_keys(big)}, tmp_path / "r101.pth")
     with pytest.raises(ValueError) as err:
         load_weights(resnext.resnext50_32x4d(), tmp_path / "r101.pth", verbose=True)
@@ -247,7 +254,7 @@ def test_wrong_architecture_fails_listing_keys(tmp_path):
     assert "missing (5): conv1.weight, bn1.weight, bn1.bias, bn1.running_mean" in msg
     assert "stem.0.conv.weight" in msg and "stem.0.bn.weight" in msg
     # A 32x8d into 32x4d: same keys, wrong shapes, listed.
-    torch.save(resnext.resnext101_32x8d().state_dict(), tmp_path / "x8.pth")
+    torch.save(blank_state_dict(resnext.resnext101_32x8d), tmp_path / "x8.pth")
     shapes = r"layer1\.0\.conv1\.weight \(256, 64, 1, 1\) vs model \(128, 64, 1, 1\)"
     with pytest.raises(ValueError, match=shapes):
         load_weights(resnext.resnext101_32x4d(), tmp_path / "x8.pth")
