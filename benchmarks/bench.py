@@ -704,6 +704,12 @@ def without_nan(value):
 def main() -> None:
     args = get_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"bench.py: error: --device {args.device}: this torch sees no CUDA GPU "
+                 f"(torch {torch.__version__}, torch.cuda.is_available() is False)")
+    if set(args.sections) != {"train"} and not (args.data / "hymenoptera_data").is_dir():
+        sys.exit(f"bench.py: error: --data {args.data}: no hymenoptera_data folder there (the "
+                 f"photos come from shared/data: hymenoptera_data, demo, imagenet_samples)")
     torch.backends.cudnn.benchmark = True  # as train.py and evaluate.py run, for all variants
     if args.quick:
         args.batch_sizes = args.batch_sizes[:2]
