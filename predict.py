@@ -3,10 +3,11 @@
     python predict.py bird.JPEG                         # resnext50_32x4d, released weights
     python predict.py photos/ a.png --topk 3 --checkpoint work_dirs/rx50/best.pth --json
 
-Folders are walked for images (resnext.data.list_images: hidden entries skipped, symlinks
+Folders are walked for images (resnext.images.list_images: hidden entries skipped, symlinks
 followed). Images are prepared as the weights expect (the checkpoint's stored preprocessing,
 else resize 256 / crop 224). A file that cannot be read is reported on stderr with its path
-and reason; the others are still answered, and the exit status is then 1.
+and reason; the others are still answered, and the exit status is then 1. Exit status 2: a
+usage or setup error (one line on stderr); 130: interrupted (answers so far kept).
 """
 from __future__ import annotations
 
@@ -20,16 +21,20 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from resnext.data import (IMAGE_EXTENSIONS, ImageReadError, list_images, load_image,
-                          set_max_image_pixels)
+from resnext.cli import (EXIT_FAILED, HelpFormatter, add_common_args, check_output_path,
+                         positive_int, print_load_notes, printable, run_cli)
+from resnext.errors import ConfigError, ImageReadError
+from resnext.images import (IMAGE_EXTENSIONS, list_images, load_image, pixel_limit_worker_init,
+                            set_max_image_pixels)
 from resnext.inference import load_for_inference
-from resnext.runtime import (HelpFormatter, add_common_args, default_device, positive_int,
-                             run_cli)
+from resnext.runtime import default_device, fit_loader_to_shared_memory
+
+LOADER_TIMEOUT_S = 600  # per batch; decoding 16 images at the pixel limit takes far less
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """predict.py's flags: inputs, --checkpoint, --topk, --fuse-bn, --json and the shared ones
-    (resnext.runtime.add_common_args)."""
+    (resnext.cli.add_common_args)."""
     p = argparse.ArgumentParser(description="ResNeXt image classification",
                                 formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
@@ -46,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def collect_paths(inputs: list[str]) -> tuple[list[Path], Counter]:
-    """Files as given, folders expanded to the images inside (resnext.data.list_images). A
+    """Files as given, folders expanded to the images inside (resnext.images.list_images). A
     missing path is kept so that it is reported like any other unreadable file. Returns the
     paths and the entries skipped in folders, counted by reason."""
     paths: list[Path] = []
@@ -61,8 +66,10 @@ def _check_json_target(path: str | None) -> None:
     # `--json photo.jpg` most likely meant the photo as an input: never overwrite it.
     if path not in (None, "-") and (Path(path).is_dir()
                                     or Path(path).suffix.lower() in IMAGE_EXTENSIONS):
-        raise ValueError(f"--json {path}: that looks like an input image or folder; put "
-                         f"inputs first or write --json=- for stdout")
+        raise ConfigError(f"--json {path}: that looks like an input image or folder; put "
+                          f"inputs first or write --json=- for stdout")
+    if path not in (None, "-"):
+        check_output_path(path)
 
 
 class DecodedImages(Dataset):
@@ -77,17 +84,22 @@ class DecodedImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
+        path = self.paths[index]
         try:
-            return index, self.transform(load_image(self.paths[index])), None
-        except ImageReadError as e:
+            image = load_image(path)
+        except ImageReadError as e:  # names the file
             return index, None, str(e)
+        try:
+            return index, self.transform(image), None
+        except ImageReadError as e:  # the transform's rule (e.g. the resize bound)
+            return index, None, f"{path}: {e}"
 
 
 def answer(path: Path, error: str | None, top: list[tuple[float, int]] | None, names,
            as_json: bool, out) -> None:
     """Print one image's result (or its error) as text lines or one JSON object."""
     if error is not None:
-        print(f"predict.py: {error}", file=sys.stderr)
+        print(f"predict.py: {printable(error)}", file=sys.stderr)
         if as_json:
             print(json.dumps({"path": str(path), "error": error}), file=out, flush=True)
         return
@@ -98,17 +110,18 @@ def answer(path: Path, error: str | None, top: list[tuple[float, int]] | None, n
                           "pred_score": topk[0]["score"], "pred_class": topk[0]["class"],
                           "topk": topk}), file=out, flush=True)
         return
-    print(path)
+    print(printable(path))  # names from files and folders cannot forge a line or move the cursor
     for t in topk:
-        print(f"  {t['score']:.4f}  {t['class']}" + (f" ({t['label']})" if names else ""))
+        print(f"  {t['score']:.4f}  {printable(t['class'])}"
+              + (f" ({t['label']})" if names else ""))
 
 
 def main(args: argparse.Namespace) -> int:
     """Run predictions; returns the exit status (0 all answered, 1 some files failed).
 
     Raises:
-        ValueError, RuntimeError, FileNotFoundError: the model cannot be set up (the message
-            says why: unknown name, unreadable or unfitting checkpoint, failed download).
+        resnext.errors.ResNeXtError: the model cannot be set up (the message says why:
+            unknown name, unreadable or unfitting checkpoint, failed download).
     """
     if args.max_image_pixels is not None:
         set_max_image_pixels(args.max_image_pixels)
@@ -117,19 +130,30 @@ def main(args: argparse.Namespace) -> int:
                                amp=args.amp, fuse=args.fuse_bn,
                                channels_last=args.channels_last, compile=args.compile,
                                img_size=args.img_size, verbose=args.verbose)
+    print_load_notes("predict.py", model.load_report, args.verbose)
     paths, skipped = collect_paths(args.inputs)
     if skipped:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
         print(f"predict.py: skipped {sum(skipped.values())} entries in folders ({reasons})",
               file=sys.stderr)
     if not paths:
-        print(f"predict.py: no images found in {' '.join(args.inputs)}", file=sys.stderr)
-        return 1
+        print(f"predict.py: no images found in {printable(' '.join(args.inputs))}",
+              file=sys.stderr)
+        return EXIT_FAILED
     model.pad_to = min(args.batch_size, len(paths))  # a compiled model's one batch size
     # Worker processes only pay off from the second batch on (starting one costs ~0.1 s).
     workers = min(args.workers, (len(paths) - 1) // args.batch_size)
+    crop = model.preprocessing.crop_size
+    workers, prefetch, note = fit_loader_to_shared_memory(workers, 2,
+                                                          args.batch_size * 3 * crop * crop)
+    if note:
+        print(f"predict.py: warning: {note}", file=sys.stderr)
+    # A worker that cannot hand a batch over must end the run, not stall it: bounded wait.
     loader = DataLoader(DecodedImages(paths, model.preprocessing.transform(False)),
-                        batch_size=args.batch_size, num_workers=workers, collate_fn=list)
+                        batch_size=args.batch_size, num_workers=workers, collate_fn=list,
+                        prefetch_factor=prefetch if workers else None,
+                        timeout=LOADER_TIMEOUT_S if workers else 0,
+                        worker_init_fn=pixel_limit_worker_init())
     failed = 0
     with (open(args.json, "w") if args.json not in (None, "-") else nullcontext(sys.stdout)) as out:
         for items in loader:
@@ -143,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
                 failed += error is not None
                 answer(paths[index], error, next(top) if error is None else None,
                        model.class_names, args.json is not None, out)
-    return 1 if failed else 0
+    return EXIT_FAILED if failed else 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node=8 train.py --data /data/imagenet --model resnext50_32x4d --work-dir work_dirs/rx50
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 train.py --data /data/imagenet ...
-    python train.py --data ../shared/data/hymenoptera_data --img-size 112 --epochs 5 --auto-scale-lr
+    python train.py --data hymenoptera_data --img-size 112 --epochs 5 --auto-scale-lr
 
 Defaults are configs/_base_/schedules/imagenet_bs256.py: 32 images per process on 8 processes
 (a total batch of 256), SGD lr 0.1 momentum 0.9 weight decay 1e-4 on all parameters, lr x0.1
@@ -14,7 +14,8 @@ Sections, in reading order: args -> data -> one epoch -> checkpoints -> main (di
 setup, model, optimizer/schedule, resume, epoch loop, cleanup). Work dir: last.pth (every
 epoch), best.pth (best val top-1), log.jsonl (header, interval and epoch records).
 `--resume auto` continues from last.pth if there is one, which is what
-`torchrun --max-restarts=N` needs.
+`torchrun --max-restarts=N` needs. Exit status: 0; 1 when the loss diverged; 2 for a usage or
+setup error (one line on stderr); 128 + the signal number when stopped by SIGTERM/SIGINT.
 """
 from __future__ import annotations
 
@@ -33,16 +34,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from evaluate import build_loader, count_topk, evaluate, topk_for
-from resnext.checkpoint import load_weights, read_checkpoint, save_checkpoint
-from resnext.data import (EpochTaggedSampler, FastTrainTransform, Normalize, Preprocessing,
-                          SeededAugmentation, build_dataset, imagenet_class_names,
-                          load_image, set_max_image_pixels, train_transform)
+from resnext.checkpoint import read_checkpoint, save_checkpoint
+from resnext.classes import imagenet_class_names
+from resnext.cli import (EXIT_FAILED, HelpFormatter, add_common_args, check_output_path,
+                         positive_int, printable, run_cli)
+from resnext.datasets import EpochTaggedSampler, SeededAugmentation, build_dataset
 from resnext.distributed import cleanup_distributed, init_distributed
+from resnext.errors import CheckpointNotFoundError, DatasetError, ResNeXtError
+from resnext.evaluation import build_loader, count_topk, evaluate, topk_for
+from resnext.images import load_image, pixel_limit_worker_init, set_max_image_pixels
 from resnext.inference import InferenceModel
-from resnext.pretrained import get_model
-from resnext.runtime import (HelpFormatter, add_common_args, amp_name, autocast, maybe_compile,
-                             positive_int, resolve_amp, select_kernels)
+from resnext.runtime import (amp_name, autocast, fit_loader_to_shared_memory, maybe_compile,
+                             resolve_amp, select_kernels)
+from resnext.transforms import FastTrainTransform, Normalize, Preprocessing, train_transform
+from resnext.weights import get_model, load_weights
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -84,7 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-decode", action="store_true",
                    help="training images: decode JPEGs at reduced scale when the crop allows, "
                         "crop as uint8 tensors and normalise whole batches on the device (same "
-                        "random crops/flips; resnext.data.FastTrainTransform)")
+                        "random crops/flips; resnext.transforms.FastTrainTransform)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes "
                    "(the recipe uses per-process BN)")
     p.add_argument("--dist-timeout", type=float, default=1800,
@@ -95,8 +100,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(ResNeXtError, RuntimeError):
     """The loss became NaN or infinite; the message gives epoch, step and learning rate."""
+
+    exit_status = EXIT_FAILED
 
 
 class Stopped(BaseException):
@@ -167,10 +174,31 @@ def build_datasets(root: Path, img_size: int, fast_decode: bool = False):
             classes = imagenet_class_names()
         val_ds = build_dataset(root / "val", ann_val, val_tf)
     else:
+        for split in ("train", "val"):
+            _check_split(root, split)
         train_ds = build_dataset(root / "train", None, train_tf, loader=train_loader)
         classes = list(train_ds.classes)
         val_ds = build_dataset(root / "val", None, val_tf, class_names=classes)
+    if len(classes) < 2:
+        raise DatasetError(f"{root / 'train'}: {len(classes)} class ({', '.join(classes)}); a "
+                           f"classifier needs at least 2 classes (with one, the loss is 0 and "
+                           f"accuracy 100% from the first step, whatever the model learns)")
     return train_ds, val_ds, classes, preprocessing
+
+
+def _check_split(root: Path, split: str) -> None:
+    """train.py's layout, said in its own words: root/train/<class>/<image> and
+    root/val/<class>/<image> (a root one level too deep or too high is named)."""
+    if (root / split).is_dir():
+        return
+    found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    deeper = [name for name in found if (root / name / split).is_dir()]
+    hint = (f"; did you mean --data {root / deeper[0]}?" if deeper else
+            f"; {root} is itself the {root.name} split: give its parent" if root.name in (
+                "train", "val") else f"; it holds {', '.join(found[:10]) or 'no folders'}")
+    raise DatasetError(f"--data {root}: no {split}/ folder. train.py expects "
+                       f"{root}/train/<class>/<image> and {root}/val/<class>/<image> (or "
+                       f"meta/train.txt and meta/val.txt beside them){hint}")
 
 
 def build_train_loader(dataset, args, rank: int, world_size: int, pin_memory: bool):
@@ -183,14 +211,21 @@ def build_train_loader(dataset, args, rank: int, world_size: int, pin_memory: bo
     shards = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                 seed=args.seed, drop_last=True)
     sampler = EpochTaggedSampler(shards)
+    # uint8 crops with --fast-decode, else float32 (4 bytes a value) from the reference path
+    crop_bytes = 3 * (args.img_size or 224) ** 2 * (1 if args.fast_decode else 4)
+    workers, prefetch, note = fit_loader_to_shared_memory(args.workers, 4,
+                                                          args.batch_size * crop_bytes)
+    if note and rank == 0:
+        print(f"train.py: warning: {note}", file=sys.stderr)
     loader = DataLoader(SeededAugmentation(dataset, args.seed), batch_size=args.batch_size,
-                        sampler=sampler, num_workers=args.workers, drop_last=True,
-                        pin_memory=pin_memory, persistent_workers=args.workers > 0,
-                        prefetch_factor=4 if args.workers > 0 else None)
+                        sampler=sampler, num_workers=workers, drop_last=True,
+                        pin_memory=pin_memory, persistent_workers=workers > 0,
+                        prefetch_factor=prefetch if workers > 0 else None,
+                        worker_init_fn=pixel_limit_worker_init())
     steps = len(loader) // args.accum_steps
     if steps == 0:
-        raise ValueError(f"{args.data}: {len(dataset)} training images are fewer than one step "
-                         f"of {args.batch_size} x {world_size} x {args.accum_steps}")
+        raise DatasetError(f"{args.data}: {len(dataset)} training images are fewer than one "
+                           f"step of {args.batch_size} x {world_size} x {args.accum_steps}")
     return loader, sampler, steps
 
 
@@ -294,10 +329,17 @@ def resume_from(path: str, model, optimizer, scheduler, scaler, total_batch: int
     model.load_state_dict(state["state_dict"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    saved_scaler = state.get("scaler") or {}  # {} when the run had no fp16 GradScaler
+    if scaler.is_enabled() and saved_scaler:
+        scaler.load_state_dict(saved_scaler)
     lr = optimizer.param_groups[0]["lr"]
     note = (f"resumed from {path}: next epoch {state['epoch'] + 1}, best top-1 "
             f"{state['best_top1']:.2f}, lr {lr:g} (from the checkpoint")
+    saved_amp = state.get("args", {}).get("amp")
+    if scaler.is_enabled() != bool(saved_scaler) or saved_amp != args.amp:
+        note += (f"; --amp was {saved_amp or 'fp32'} and is now {args.amp or 'fp32'}"
+                 + ("; the fp16 GradScaler starts fresh" if scaler.is_enabled()
+                    and not saved_scaler else ""))
     saved_batch = state.get("meta", {}).get("total_batch")
     if saved_batch is not None and saved_batch != total_batch:
         note += (f"; warning: the total batch was {saved_batch} and is now {total_batch}, "
@@ -354,13 +396,16 @@ def prepare_work_dir(args, work_dir: Path, is_main: bool) -> str | None:
     checkpoint to resume from (--resume auto: last.pth when there is one).
 
     Raises:
-        FileNotFoundError: an explicit --resume path does not exist (never a fresh start).
+        CheckpointNotFoundError (a FileNotFoundError): an explicit --resume path does not
+            exist (never a fresh start).
+        ConfigError (a ValueError): the work dir cannot take a new file (checked before any
+            work).
     """
     if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
-        raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint (use --resume "
-                                f"auto to start fresh when there is none)")
+        raise CheckpointNotFoundError(f"--resume {args.resume}: no such checkpoint (use "
+                                      f"--resume auto to start fresh when there is none)")
     if is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
+        check_output_path(work_dir / "last.pth")
         for stale in work_dir.glob(".*.pth.*.tmp"):
             stale.unlink()
     if args.resume == "auto":
@@ -391,7 +436,6 @@ def build_model(args, classes: list[str], device: torch.device, world_size: int,
         report = load_weights(model, ckpt, reset_head=other_head, verbose=args.verbose)
         if is_main:
             print(f"init: {report}")
-    model.class_names = classes
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -427,7 +471,7 @@ def build_optimizer(args, raw_model, total_batch: int, amp, device: torch.device
 
 def validate(raw_model, val_loader, device, amp, preprocessing, classes, args,
              world_size: int, is_main: bool) -> dict:
-    """evaluate.evaluate on the raw model. With per-process BN, rank 0's statistics are
+    """resnext.evaluation.evaluate on the raw model. With per-process BN, rank 0's statistics are
     broadcast first: what last.pth stores, so this equals evaluate.py on the checkpoint."""
     if world_size > 1 and not args.sync_bn:
         for buffer in raw_model.buffers():
@@ -448,6 +492,13 @@ def announce(args, log, is_main: bool, **facts) -> None:
               f"{args.batch_size} x {args.accum_steps} accum = total batch "
               f"{facts['total_batch']}, lr {facts['lr']:g}{scaled}; {facts['amp']} on "
               f"{facts['device']}")
+        decays = [m for m in args.milestones if facts["start_epoch"] < m < args.epochs]
+        if args.milestones and not decays and facts["start_epoch"] < args.epochs:
+            print(f"note: no lr milestone ({', '.join(map(str, args.milestones))}) falls "
+                  f"before epoch {args.epochs}: the lr stays {facts['lr']:g} for the whole "
+                  f"run (e.g. --milestones {max(1, args.epochs * 3 // 10)} "
+                  f"{max(2, args.epochs * 6 // 10)} {max(3, args.epochs * 9 // 10)} scales "
+                  f"the recipe's 30/60/90 of 100)")
 
 
 def epoch_line(record: dict, epochs: int) -> str:
@@ -464,6 +515,19 @@ def epoch_line(record: dict, epochs: int) -> str:
             f"{record['images_per_s']:.1f} img/s  {record['epoch_time']:.1f}s")
 
 
+def final_line(work_dir: Path, best_top1: float, best_epoch: int | None, start_epoch: int,
+               epochs: int) -> str:
+    """The run's last line: the best checkpoint and its val top-1."""
+    if start_epoch >= epochs:
+        return (f"nothing to train: the run already finished its {epochs} epochs "
+                f"(raise --epochs to continue); {work_dir / 'best.pth'} holds val top-1 "
+                f"{best_top1:.2f}")
+    if best_top1 < 0:
+        return f"done; no validation ran: the weights are in {work_dir / 'last.pth'}"
+    when = f" (epoch {best_epoch})" if best_epoch is not None else " (an epoch before the resume)"
+    return f"done; best: {work_dir / 'best.pth'}, val top-1 {best_top1:.2f}{when}"
+
+
 def main(args: argparse.Namespace) -> dict:
     # --- distributed setup -------------------------------------------------------------------
     info = init_distributed(args.device, args.dist_timeout, args.local_rank)
@@ -476,6 +540,10 @@ def main(args: argparse.Namespace) -> dict:
 
     try:
         resume = prepare_work_dir(args, work_dir, is_main)
+        if world_size > 1:  # rank 0 decides: with node-local work dirs, ranks could disagree
+            decision = [resume]
+            dist.broadcast_object_list(decision, src=0)
+            resume = decision[0]
 
         # --- data --------------------------------------------------------------------------
         train_ds, val_ds, classes, preprocessing = build_datasets(
@@ -483,11 +551,12 @@ def main(args: argparse.Namespace) -> dict:
         empty = getattr(train_ds, "empty_classes", [])
         if empty and is_main:  # a class without training images still gets its output
             print(f"train.py: warning: {len(empty)} class folders hold no training images: "
-                  f"{', '.join(empty[:10])}", file=sys.stderr)
+                  f"{printable(', '.join(empty[:10]))}", file=sys.stderr)
         pin = device.type == "cuda"
         train_loader, train_sampler, steps_per_epoch = build_train_loader(
             train_ds, args, rank, world_size, pin)
-        val_loader = build_loader(val_ds, args.batch_size, args.workers, rank, world_size, pin)
+        val_loader = build_loader(val_ds, args.batch_size, args.workers, rank, world_size, pin,
+                                  sample_bytes=3 * preprocessing.crop_size ** 2)  # uint8
 
         # --- model -------------------------------------------------------------------------
         model, raw_model = build_model(args, classes, device, world_size, is_main)
@@ -499,7 +568,7 @@ def main(args: argparse.Namespace) -> dict:
         criterion = torch.nn.CrossEntropyLoss()
 
         # --- resume ------------------------------------------------------------------------
-        start_epoch, best_top1 = 0, -1.0
+        start_epoch, best_top1, best_epoch = 0, -1.0, None
         if resume:
             start_epoch, best_top1, note = resume_from(resume, raw_model, optimizer, scheduler,
                                                        scaler, total_batch, args)
@@ -532,7 +601,7 @@ def main(args: argparse.Namespace) -> dict:
             record["epoch_time"] = time.perf_counter() - epoch_start
             is_best = "accuracy/top1" in record and record["accuracy/top1"] > best_top1
             if is_best:
-                best_top1 = record["accuracy/top1"]
+                best_top1, best_epoch = record["accuracy/top1"], epoch + 1
 
             # Checkpoint: rank 0, epoch ends only, written atomically.
             if is_main:
@@ -545,19 +614,17 @@ def main(args: argparse.Namespace) -> dict:
                         save_checkpoint(state, work_dir / "best.pth")
                     log(record)
                 print(epoch_line(record, args.epochs), flush=True)
+        if is_main:
+            print(final_line(work_dir, best_top1, best_epoch, start_epoch, args.epochs))
         return {"best_top1": best_top1, **result}
     finally:
         cleanup_distributed()
 
 
 if __name__ == "__main__":
-    arguments = get_args_parser().parse_args()
     try:
-        main(arguments)
+        run_cli("train.py", main, get_args_parser().parse_args())
     except Stopped as e:
         print(f"train.py: {e}; checkpoints are written only at epoch ends, so last.pth holds "
               f"the last completed epoch", file=sys.stderr)
         sys.exit(128 + e.signum)
-    except (NonFiniteLoss, ValueError, FileNotFoundError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(1)

@@ -14,7 +14,7 @@ process, on this machine, right before or after. References:
                           the training loader with float32 batches (normalised in the worker)
   cold start / memory:    the same job written with torchvision and torch.load, and a bare
                           `python -c "import torch"` (predict.py's floor)
-  end to end (e2e):       train.py on an ImageNet-like JPEG folder made from shared/data photos
+  end to end (e2e):       train.py on an ImageNet-like JPEG folder made from the --data photos
                           (short side 375, replicated), steady-state images/s from its log,
                           and its data loader alone, against the pure train steps of
                           torchvision fp32 NCHW and AMP fp16 at the same batch;
@@ -47,9 +47,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import resnext  # noqa: E402
+import resnext.cli  # noqa: E402
 import resnext.runtime  # noqa: E402
-from resnext.data import (ClassFolderDataset, EpochTaggedSampler, FastTrainTransform,  # noqa: E402
-                          SeededAugmentation, eval_transform, list_images, load_image)
+from resnext.datasets import (ClassFolderDataset, EpochTaggedSampler,  # noqa: E402
+                              SeededAugmentation)
+from resnext.images import list_images, load_image  # noqa: E402
+from resnext.transforms import FastTrainTransform, eval_transform  # noqa: E402
 from resnext.inference import fuse_bn  # noqa: E402
 from resnext.runtime import (amp_name, autocast, compile_available, maybe_compile,  # noqa: E402
                              resolve_amp)
@@ -58,18 +61,29 @@ NORMALIZE = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def default_data() -> Path:
+    """The shared/data folder beside the repository when there is one (all its photos), else
+    the repository's own tests/data (fewer photos: a clone alone runs the benchmark too)."""
     for c in (os.environ.get("RESNEXT_SHARED_DATA"), REPO.parent / "shared" / "data"):
         if c and Path(c, "hymenoptera_data").is_dir():
             return Path(c)
-    return REPO.parent / "shared" / "data"
+    return REPO / "tests" / "data"
+
+
+def data_folder(data: Path, name: str) -> Path:
+    """`name` (hymenoptera_data, demo or imagenet_samples) in --data: shared/data's layout, or
+    tests/data's, where hymenoptera_data is hymenoptera/ and demo/ is the repository's."""
+    if (data / name).is_dir():
+        return data / name
+    return {"hymenoptera_data": data / "hymenoptera", "demo": REPO / "demo"}.get(name, data / name)
 
 
 def get_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=resnext.runtime.HelpFormatter)
+                                formatter_class=resnext.cli.HelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--data", type=Path, default=default_data(),
-                   help="shared/data folder (hymenoptera_data, demo, imagenet_samples)")
+                   help="photo folder: shared/data (hymenoptera_data, demo, imagenet_samples) "
+                        "or the repository's tests/data (hymenoptera, imagenet_samples)")
     p.add_argument("--sections", nargs="+",
                    default=["inference", "train", "pipeline", "coldstart"],
                    choices=["inference", "train", "pipeline", "coldstart", "e2e"],
@@ -252,8 +266,10 @@ def top1_agreement(args, device, ours, amp) -> dict:
         randomize(ours, seed=0)
         source = "random weights, randomised BN statistics"
     fast = fast_inference_model(ours, device, False)
-    paths = [p for folder in ("hymenoptera_data/val", "demo", "imagenet_samples")
-             for p in list_images(args.data / folder)]
+    paths = [p for folder in (data_folder(args.data, "hymenoptera_data") / "val",
+                              data_folder(args.data, "demo"),
+                              data_folder(args.data, "imagenet_samples"))
+             for p in list_images(folder)]
     tf = eval_transform()
     same, max_gap = 0, 0.0
     for i in range(0, len(paths), 16):
@@ -329,7 +345,7 @@ def bench_pipeline(args) -> dict:
     """Images/s of one process with one thread: what a DataLoader worker does."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    root = args.data / "hymenoptera_data"
+    root = data_folder(args.data, "hymenoptera_data")
     reference_train = datasets.ImageFolder(str(root / "train"), T.Compose([
         T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), NORMALIZE]))
     ours_train = ClassFolderDataset(root / "train", FastTrainTransform(224), loader=str)
@@ -495,13 +511,13 @@ def bench_coldstart(args) -> dict:
 def make_jpeg_folder(data: Path, root: Path, count: int, short_side: int) -> Path:
     """An ImageNet-like folder from real photos: train/<class>/ holds `count` JPEGs (the
     hymenoptera train photos resized to `short_side`, ImageNet's typical size, quality 90,
-    then hard-linked under new names), val/<class>/ the 153 val photos, resized alike."""
+    then hard-linked under new names), val/<class>/ the val photos, resized alike."""
     from PIL import Image
     for split in ("train", "val"):
         sources = []
         for cls in ("ants", "bees"):
             (root / split / cls).mkdir(parents=True, exist_ok=True)
-            for path in list_images(data / "hymenoptera_data" / split / cls):
+            for path in list_images(data_folder(data, "hymenoptera_data") / split / cls):
                 image = load_image(path)
                 scale = short_side / min(image.size)
                 image = image.resize((round(image.width * scale), round(image.height * scale)),
@@ -548,8 +564,8 @@ def evaluate_rows(root: Path, batch: int, workers: int, device: torch.device, am
                   repeats: int) -> list[dict]:
     """evaluate.py's pipeline over the e2e training folder repeated `repeats` times (5 x
     10,000 = 50,000 JPEGs on GPU, ImageNet's validation size): its dataset (the
-    pixel-identical eval transform, uint8 crops), its loader (evaluate.build_loader: in
-    order, pinned memory on CUDA) and evaluate.evaluate() with the --amp auto fast path
+    pixel-identical eval transform, uint8 crops), its loader (resnext.evaluation.build_loader: in
+    order, pinned memory on CUDA) and resnext.evaluation.evaluate() with the --amp auto fast path
     (eager, random weights). Each figure is one whole pass in a fresh loader, as evaluate.py
     runs it: worker start and the last partial batch included; cuDNN autotuning is done
     before, on two batches. The reference is torchvision's model, fp32 NCHW, on a random
@@ -559,7 +575,7 @@ def evaluate_rows(root: Path, batch: int, workers: int, device: torch.device, am
         rows (printed as measured): the reference, evaluate() and the loader alone.
     """
     from torch.utils.data import ConcatDataset
-    from evaluate import build_loader, evaluate
+    from resnext.evaluation import build_loader, evaluate
     from resnext.inference import InferenceModel
     net = fast_inference_model(resnext.resnext50_32x4d().eval().to(device), device, False)
     model = InferenceModel(net, device, amp=amp, arch_name="resnext50_32x4d")
@@ -707,9 +723,11 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(f"bench.py: error: --device {args.device}: this torch sees no CUDA GPU "
                  f"(torch {torch.__version__}, torch.cuda.is_available() is False)")
-    if set(args.sections) != {"train"} and not (args.data / "hymenoptera_data").is_dir():
-        sys.exit(f"bench.py: error: --data {args.data}: no hymenoptera_data folder there (the "
-                 f"photos come from shared/data: hymenoptera_data, demo, imagenet_samples)")
+    hymenoptera = data_folder(args.data, "hymenoptera_data")
+    if set(args.sections) != {"train"} and not hymenoptera.is_dir():
+        sys.exit(f"bench.py: error: --data {args.data}: no hymenoptera_data (or hymenoptera) "
+                 f"folder there (the photos come from shared/data or the repository's "
+                 f"tests/data)")
     torch.backends.cudnn.benchmark = True  # as train.py and evaluate.py run, for all variants
     if args.quick:
         args.batch_sizes = args.batch_sizes[:2]

@@ -19,37 +19,31 @@ Supported inputs (all read with map_location='cpu' and weights-only unpickling):
     bound to stand-ins that rebuild the array from its bytes as a tensor, without numpy.
 detect_architecture tells from keys and shapes which model a state dict holds, so a file of
 another architecture is named in one line and get_model(pretrained=file) can build it.
-Anything else is a ValueError naming the file; a pickle that wants to run code is refused.
+Anything else is a CheckpointError (a ValueError) naming the file; a pickle that wants to
+run code is refused.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
+import shutil
 import tempfile
-import urllib.error
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from .data import imagenet_class_names
-from .unpickling import NumpyArrayStandIn, load_weights_only
+from .errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
+from .hub import download_weights, is_url
 from .model import STAGE_BLOCKS, ResNeXt
+from .unpickling import NumpyArrayStandIn, load_weights_only
 
-__all__ = [
-    "Checkpoint", "LoadReport", "read_checkpoint", "convert_state_dict", "load_weights",
-    "download_weights", "export_openmmlab", "save_checkpoint", "Arch", "detect_architecture",
-]
-
-# torch.hub's convention: '<name>-<first hex digits of sha256>.<ext>'.
-_HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
-
+__all__ = ["Checkpoint", "read_checkpoint", "convert_state_dict", "export_openmmlab",
+           "save_checkpoint", "Arch", "detect_architecture"]
 
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar")
 
@@ -62,16 +56,19 @@ def _read_raw(path: Path) -> Any:
         listing = (f"; checkpoint files there: {', '.join(found[:20])}"
                    + (f" ... and {len(found) - 20} more" if len(found) > 20 else "")
                    if found else "; it holds no .pth/.pt/.bin/.safetensors file")
-        raise ValueError(f"{path} is a directory; pass the checkpoint file inside it "
-                         f"(e.g. {path / example}){listing}")
+        raise CheckpointError(f"{path} is a directory; pass the checkpoint file inside it "
+                              f"(e.g. {path / example}){listing}")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint; was its "
+                              f"download or save interrupted?")
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise ValueError(f"{path}: reading .safetensors files needs the safetensors "
-                             f"package (pip install safetensors)") from None
+            raise CheckpointError(f"{path}: reading .safetensors files needs the safetensors "
+                                  f"package (pip install safetensors)") from None
         return load_file(str(path), device="cpu")
     return load_weights_only(path)
 
@@ -108,8 +105,8 @@ def _ema_copies(sd: Mapping[str, Any]) -> list[str]:
 def _find_state_dict(raw: Any, source: str) -> tuple[Mapping[str, Any], str]:
     """The state dict inside a loaded checkpoint and the format its layout tells."""
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{source}: expected a dict holding a state dict, "
-                         f"got {type(raw).__name__}")
+        raise CheckpointError(f"{source}: expected a dict holding a state dict, "
+                              f"got {type(raw).__name__}")
     meta = raw.get("meta") if isinstance(raw.get("meta"), Mapping) else {}
     if raw and all(_is_weight(v) for v in raw.values()):
         return raw, "state dict (torchvision/timm layout)"
@@ -117,8 +114,8 @@ def _find_state_dict(raw: Any, source: str) -> tuple[Mapping[str, Any], str]:
         return raw["model"], "torchvision references checkpoint"
     if not isinstance(raw.get("state_dict"), Mapping):
         keys = ", ".join(map(str, list(raw)[:20]))
-        raise ValueError(f"{source}: no state dict found (top-level keys: {keys}); expected a "
-                         f"state dict or a dict with 'state_dict' or 'model'")
+        raise CheckpointError(f"{source}: no state dict found (top-level keys: {keys}); expected a "
+                              f"state dict or a dict with 'state_dict' or 'model'")
     if meta.get("exported_by") == "resnext":
         fmt = "OpenMMLab layout (resnext export)"
     elif "CLASSES" in meta:
@@ -136,7 +133,7 @@ def convert_state_dict(raw: Any, source: str = "checkpoint") -> tuple[dict[str, 
     """Find the state dict in a loaded checkpoint and rename its keys to ours.
 
     Pure function: unwraps {'state_dict': ...} / {'model': ...}, strips `module.` and
-    `_orig_mod.` prefixes (any number), maps the OpenMMLab layout (`backbone.X` -> `X`,
+    `_orig_mod.` prefixes (any number) and an InferenceModel's `net.`, maps the OpenMMLab layout (`backbone.X` -> `X`,
     `head.fc.X` -> `fc.X`). torchvision's and timm's keys are already ours. An EMA copy is
     skipped and named in the format: mmcls 0.x `ema_<key with _ for .>` entries that shadow
     the main keys, or mmengine's top-level `ema_state_dict`; both EMA hooks swap the averaged
@@ -148,9 +145,9 @@ def convert_state_dict(raw: Any, source: str = "checkpoint") -> tuple[dict[str, 
     Returns:
         (state dict with our keys, format description such as 'mmcls 0.x').
     Raises:
-        ValueError: naming `source`, if no state dict is found, if entries are numpy arrays
-            that cannot be tensors, or listing every key that has no place in our layout
-            (e.g. mmpretrain `neck.*` or another head's keys).
+        CheckpointError (a ValueError): naming `source`, if no state dict is found, if
+            entries are numpy arrays that cannot be tensors, or listing every key that has
+            no place in our layout (e.g. mmpretrain `neck.*` or another head's keys).
     """
     sd, fmt = _find_state_dict(raw, source)
     notes: list[str] = []
@@ -165,12 +162,16 @@ def convert_state_dict(raw: Any, source: str = "checkpoint") -> tuple[dict[str, 
     numpy_left = [k for k, v in sd.items() if isinstance(v, NumpyArrayStandIn)]
     if numpy_left:
         dtypes = sorted({sd[k].dtype for k in numpy_left})
-        raise ValueError(f"{source}: {len(numpy_left)} entries are numpy arrays of dtype "
-                         f"{', '.join(dtypes)}, not tensors, and cannot be converted: convert "
-                         f"them with torch.from_numpy before saving")
+        raise CheckpointError(f"{source}: {len(numpy_left)} entries are numpy arrays of dtype "
+                              f"{', '.join(dtypes)}, not tensors, and cannot be converted: convert "
+                              f"them with torch.from_numpy before saving")
     out: dict[str, torch.Tensor] = {}
     unplaced: list[str] = []
     wrapped = False
+    if sd and all(_WRAPPER_PREFIX.sub("", k).startswith("net.") for k in sd):
+        # A saved resnext.InferenceModel: the network sits under `net.`.
+        sd = {_WRAPPER_PREFIX.sub("", k)[len("net."):]: v for k, v in sd.items()}
+        wrapped = True
     openmmlab = any(re.sub(_WRAPPER_PREFIX, "", k).startswith(("backbone.", "head."))
                     for k in sd)
     for key, value in sd.items():
@@ -188,11 +189,11 @@ def convert_state_dict(raw: Any, source: str = "checkpoint") -> tuple[dict[str, 
             unplaced.append(key)
             continue
         if name in out:
-            raise ValueError(f"{source}: two keys map to {name!r} (one is {key!r})")
+            raise CheckpointError(f"{source}: two keys map to {name!r} (one is {key!r})")
         out[name] = value
     if unplaced:
-        raise ValueError(f"{source}: {len(unplaced)} keys have no place in the ResNeXt "
-                         f"layout: {', '.join(unplaced)}")
+        raise CheckpointError(f"{source}: {len(unplaced)} keys have no place in the ResNeXt "
+                              f"layout: {', '.join(unplaced)}")
     if openmmlab and fmt.startswith("state"):
         fmt = "OpenMMLab state dict"
     if wrapped:
@@ -242,10 +243,6 @@ class Checkpoint:
         return meta if isinstance(meta, Mapping) else {}
 
 
-def _is_url(source: str | os.PathLike) -> bool:
-    return isinstance(source, str) and urlparse(source).scheme in ("http", "https", "file")
-
-
 def read_checkpoint(source: str | os.PathLike, progress: bool = True) -> Checkpoint:
     """Read any supported checkpoint from a path or URL and convert it to our keys.
 
@@ -257,13 +254,13 @@ def read_checkpoint(source: str | os.PathLike, progress: bool = True) -> Checkpo
     Returns:
         Checkpoint with the converted state dict, class names and detected format.
     Raises:
-        FileNotFoundError: the path does not exist.
-        ValueError: naming the file, for an unrecognised layout, a refused pickle (the
-            message never suggests weights_only=False), or a directory (the message lists
-            the checkpoint files in it).
-        RuntimeError: a download failed or a hash did not match.
+        CheckpointNotFoundError (a FileNotFoundError): the path does not exist.
+        CheckpointError (a ValueError): naming the file, for an empty file, an unrecognised
+            layout, a refused pickle (the message never suggests weights_only=False), or a
+            directory (the message lists the checkpoint files in it).
+        DownloadError (a RuntimeError): a download failed or a hash did not match.
     """
-    path = download_weights(source, progress=progress) if _is_url(source) else Path(source)
+    path = download_weights(source, progress=progress) if is_url(source) else Path(source)
     raw = _read_raw(path)
     state_dict, fmt = convert_state_dict(raw, str(path))
     if path.suffix != ".safetensors" and not zipfile.is_zipfile(path):
@@ -310,7 +307,7 @@ def detect_architecture(state_dict: Mapping[str, torch.Tensor] | Checkpoint) -> 
         Arch, e.g. Arch(101, 32, 8, 1000, 'resnext101_32x8d'); a plain ResNet-50 (groups 1,
         width 64) is Arch(50, 1, 64, 1000, 'resnet50').
     Raises:
-        ValueError: the keys or shapes fit no model that ResNeXt(depth, groups,
+        CheckpointError (a ValueError): the keys or shapes fit no model that ResNeXt(depth, groups,
             width_per_group, num_classes) builds; the message says what did not fit.
     """
     sd = state_dict.state_dict if isinstance(state_dict, Checkpoint) else state_dict
@@ -321,13 +318,13 @@ def detect_architecture(state_dict: Mapping[str, torch.Tensor] | Checkpoint) -> 
     depth = next((d for d, b in STAGE_BLOCKS.items() if tuple(b) == tuple(blocks)), None)
     if depth is None:
         known = ", ".join(f"{d}: {b}" for d, b in STAGE_BLOCKS.items())
-        raise ValueError(f"blocks per stage {tuple(blocks)} fit no ResNeXt depth ({known})")
+        raise CheckpointError(f"blocks per stage {tuple(blocks)} fit no ResNeXt depth ({known})")
     conv = sd.get("layer1.0.conv2.weight")
     if not isinstance(conv, torch.Tensor) or conv.dim() != 4 or conv.shape[1] < 1 \
             or conv.shape[0] % conv.shape[1]:
         shape = tuple(conv.shape) if isinstance(conv, torch.Tensor) else None
-        raise ValueError(f"layer1.0.conv2.weight is {shape}, not a (groups * width, width, "
-                         f"3, 3) grouped conv")
+        raise CheckpointError(f"layer1.0.conv2.weight is {shape}, not a (groups * width, width, "
+                              f"3, 3) grouped conv")
     width_per_group, groups = conv.shape[1], conv.shape[0] // conv.shape[1]
     fc = sd.get("fc.weight")
     num_classes = fc.shape[0] if isinstance(fc, torch.Tensor) and fc.dim() == 2 else 0
@@ -335,8 +332,9 @@ def detect_architecture(state_dict: Mapping[str, torch.Tensor] | Checkpoint) -> 
     wrong = [k for k in sd if k not in own or tuple(sd[k].shape) != own[k]]
     wrong += [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     if wrong:
-        raise ValueError(f"{len(wrong)} keys do not fit {name} ({_classes_phrase(num_classes)})"
-                         f", e.g. {_listing(wrong, 3)}")
+        raise CheckpointError(f"{len(wrong)} keys do not fit {name} "
+                              f"({_classes_phrase(num_classes)})"
+                              f", e.g. {_listing(wrong, 3)}")
     return Arch(depth, groups, width_per_group, num_classes, name)
 
 
@@ -360,209 +358,6 @@ def _classes_phrase(n: int | None) -> str:
     return "no classifier" if not n else f"{n} classes"
 
 
-# --- loading into a model --------------------------------------------------------------------
-
-@dataclass
-class LoadReport:
-    """What load_weights did.
-
-    Attributes:
-        format: the detected format (read_checkpoint's), e.g. 'mmcls 0.x, EMA copy ... skipped'.
-        path: the file read.
-        loaded: number of tensors loaded.
-        skipped: keys not loaded (the classifier with reset_head).
-        classes: the class names attached to the model.
-        file_dtypes: floating dtypes found in the file, e.g. ['float16'].
-        notes: what else happened, e.g. 'tensors were float16, cast to float32'.
-    """
-    format: str
-    path: Path
-    loaded: int
-    skipped: list[str]
-    classes: list[str] | None
-    file_dtypes: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        msg = f"loaded {self.loaded} tensors from {self.path} ({self.format})"
-        if self.skipped:
-            msg += f"; skipped {', '.join(self.skipped)} (reset_head)"
-        return "; ".join([msg, *self.notes])
-
-
-def _fc_out(sd: Mapping[str, torch.Tensor]) -> int | None:
-    return sd["fc.weight"].shape[0] if "fc.weight" in sd else None
-
-
-def _dtype_names(tensors: Any) -> list[str]:
-    return sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()})
-
-
-def load_weights(model: nn.Module, source: str | os.PathLike | Checkpoint,
-                 reset_head: bool = False, progress: bool = True,
-                 verbose: bool = False) -> LoadReport:
-    """Load a checkpoint into `model` strictly and attach its class names.
-
-    Every key must match in name and shape; only missing `num_batches_tracked` buffers are
-    tolerated (older files lack them). With reset_head=True the classifier (`fc.*`) is not
-    loaded and keeps its fresh initialisation, for fine-tuning on other classes. Tensors are
-    cast to the model's dtypes (a float16, bfloat16 or float64 file loads into a float32
-    model as float32; integer buffers stay int64), the same way whether the model is real or
-    on the meta device (resnext.pretrained's build), so both give identical tensors.
-
-    Args:
-        model: a ResNeXt (or any module with our keys).
-        source: path, URL, or an already read Checkpoint.
-        reset_head: skip the classifier instead of failing when its size differs.
-        progress: show a download progress bar.
-        verbose: on a mismatch, list every key instead of the first 10 of each kind.
-    Returns:
-        LoadReport; also sets `model.class_names` (the file's names, else the ImageNet-1k
-        names for a 1000-class head, else None).
-    Raises:
-        ValueError: the file holds another architecture (first line: '<file> holds
-            resnext101_32x8d (1000 classes); the model is resnext50_32x4d', then the missing,
-            unexpected and wrongly shaped keys), or a classifier of another size without
-            reset_head; plus read_checkpoint's errors.
-    """
-    ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source, progress)
-    sd = dict(ckpt.state_dict)
-    own = model.state_dict()
-    model_classes = _fc_out(own)
-    skipped: list[str] = []
-    if reset_head:
-        skipped = sorted(k for k in sd if k.startswith("fc."))
-        for k in skipped:
-            del sd[k]
-        own = {k: v for k, v in own.items() if not k.startswith("fc.")}
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [k for k in sd if k in own and sd[k].shape != own[k].shape]
-    if [k for k in missing + unexpected + wrong if not k.startswith("fc.")]:
-        wrong_text = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong]
-        raise _mismatch(ckpt, model, missing, unexpected, wrong_text, verbose)
-    if missing or unexpected or wrong:  # only the classifier differs
-        theirs = f"has {_fc_out(sd)} classes" if _fc_out(sd) else "is absent"
-        raise ValueError(f"{ckpt.path}: its classifier {theirs}, the model "
-                         f"{model_classes or 'has none'}; pass reset_head=True to keep the "
-                         f"model's head (fine-tuning) and load everything else")
-    # Cast to the model's dtypes here rather than leaving it to load_state_dict: an assigning
-    # load (meta-device model) would otherwise take the file's float16 tensors as they are.
-    file_dtypes = _dtype_names(sd.values())
-    sd = {k: v if v.dtype == own[k].dtype else v.to(own[k].dtype) for k, v in sd.items()}
-    notes = []
-    model_dtypes = _dtype_names(own[k] for k in sd)
-    if file_dtypes and file_dtypes != model_dtypes:
-        notes.append(f"tensors were {' and '.join(file_dtypes)}, cast to "
-                     f"{' and '.join(model_dtypes)}")
-    on_meta = any(t.is_meta for t in own.values())
-    # A model built on the meta device (resnext.pretrained) takes the file's tensors as they
-    # are (assign), so the weights are never held twice; it then materialises what is left.
-    result = model.load_state_dict(sd, strict=False, assign=on_meta)
-    unloaded = [k for k in result.missing_keys
-                if k not in skipped and not k.endswith("num_batches_tracked")]
-    if unloaded:  # the checks above make this unreachable; never load a model half-way
-        raise RuntimeError(f"{ckpt.path}: keys left unloaded: {', '.join(unloaded)}")
-    model.weights_source = str(ckpt.path)  # ResNeXt.init_weights() leaves loaded weights alone
-    model.class_names = _class_names_for(model, None if reset_head else ckpt.classes, reset_head)
-    return LoadReport(ckpt.format, ckpt.path, len(sd), skipped, model.class_names, file_dtypes,
-                      notes)
-
-
-def _mismatch(ckpt: Checkpoint, model: nn.Module, missing: list[str], unexpected: list[str],
-              wrong: list[str], verbose: bool) -> ValueError:
-    """The error for a file that does not fit: first the architecture it holds (one line),
-    then the key lists, capped at 10 each unless verbose."""
-    model_name = getattr(model, "arch_name", type(model).__name__)
-    held = _detect_or_none(ckpt.state_dict)
-    if held is not None and held.name != model_name:
-        parts = [f"{ckpt.path} holds {held}; the model is {model_name}",
-                 "  to build what the file holds, give no model name: get_model(None, "
-                 "pretrained=<file>), or predict.py/evaluate.py without --model"]
-    else:
-        parts = [f"{ckpt.path} ({ckpt.format}) does not fit the model ({model_name}, "
-                 f"{_classes_phrase(_fc_out(model.state_dict()))})"]
-    limit = None if verbose else 10
-    for label, keys in (("missing", missing), ("unexpected", unexpected),
-                        ("wrong shape", wrong)):
-        if keys:
-            parts.append(f"  {label} ({len(keys)}): {_listing(keys, limit)}")
-    if not verbose and max(len(missing), len(unexpected), len(wrong)) > 10:
-        parts.append("  (verbose=True lists every key)")
-    return ValueError("\n".join(parts))
-
-
-def _class_names_for(model: nn.Module, classes: list[str] | None,
-                     reset_head: bool) -> list[str] | None:
-    """The file's class names when they match the head, else ImageNet-1k's for a 1000-class
-    head (not after reset_head), else None: names that do not match would mislabel."""
-    num_classes = _fc_out(model.state_dict())
-    if classes is not None and num_classes is not None and len(classes) != num_classes:
-        classes = None
-    if classes is None and num_classes == 1000 and not reset_head:
-        classes = imagenet_class_names()
-    return classes
-
-
-# --- download ---------------------------------------------------------------------------------
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def download_weights(url: str, progress: bool = True) -> Path:
-    """Download `url` once into `<torch.hub dir>/checkpoints/` and return the local path.
-
-    When the file name carries a SHA-256 prefix ('...-56066e27.pth', torch.hub's convention)
-    it is checked after download and again on every use of the cached file. torch.hub's
-    downloader writes to a temporary file and renames it, so an interrupted download leaves
-    no partial file behind. `file://` URLs are read in place.
-
-    Args:
-        url: http(s) or file URL of the weights.
-        progress: show torch.hub's progress bar.
-    Returns:
-        The local file.
-    Raises:
-        ValueError: the URL names no file.
-        RuntimeError: the download failed (the message names the URL and how to pass a local
-            file instead), or the hash does not match.
-    """
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return Path(parsed.path)
-    filename = os.path.basename(parsed.path)
-    if not filename:
-        raise ValueError(f"{url}: the URL names no file")
-    match = _HASH_IN_NAME.search(filename)
-    expected = match.group(1) if match else None
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
-    if not cached.is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(url, str(cached), hash_prefix=expected,
-                                           progress=progress)
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise RuntimeError(
-                f"could not download {url} ({reason}). Without network, fetch that file "
-                f"elsewhere and pass its path: pretrained='/path/to/{filename}' in Python, "
-                f"--checkpoint /path/to/{filename} for predict.py/evaluate.py") from None
-        except RuntimeError as e:  # torch.hub's hash check; it has removed the partial file
-            raise RuntimeError(f"{url}: downloaded file failed its SHA-256 check: {e}") from None
-    elif expected is not None:
-        digest = _sha256(cached)
-        if not digest.startswith(expected):
-            raise RuntimeError(f"cached file {cached} has SHA-256 {digest[:16]}..., which does "
-                               f"not start with {expected} as its name says; delete it to "
-                               f"download again")
-    return cached
-
-
 # --- writing ----------------------------------------------------------------------------------
 
 def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
@@ -575,10 +370,18 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
         path: the destination; its folder is created if missing.
     Returns:
         `path` as a Path.
+    Raises:
+        CheckpointWriteError (an OSError): the write failed (no space left, a file-size or
+            quota limit, an I/O error); the message names the file, the reason and the free
+            space, and the previous file at `path`, if any, is unchanged.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointWriteError(f"{path}: cannot write the checkpoint there "
+                                   f"({e.strerror or e})") from None
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -588,6 +391,16 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write as a RuntimeError of its zip writer
+        # ("unexpected pos ..."), naming neither the file nor the cause.
+        Path(tmp).unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (
+            f"the write stopped short: no space left or a file-size limit? ({e})")
+        free = shutil.disk_usage(path.parent).free / 2**20
+        kept = "is unchanged" if path.exists() else "was not created"
+        raise CheckpointWriteError(f"{path}: writing the checkpoint failed: {reason}; "
+                                   f"{free:,.0f} MiB free there; {path.name} {kept}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -600,7 +413,7 @@ def export_openmmlab(model: nn.Module, path: str | os.PathLike,
 
     Keys become `backbone.<ours>` and `head.fc.<weight|bias>`; meta carries the class names as
     both `CLASSES` (mmcls 0.x) and `dataset_meta.classes` (mmpretrain 1.x), and the model's
-    `preprocessing` (resnext.data.Preprocessing, which mmpretrain ignores) as a plain dict, so
+    `preprocessing` (resnext.transforms.Preprocessing, which mmpretrain ignores) as a plain dict, so
     that a model trained at another size is evaluated at it after the round trip. Reading the
     file back with read_checkpoint gives exactly the original tensors.
 

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
+from .runtime import default_device
+
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed"]
 
 
@@ -29,9 +32,30 @@ class DistInfo:
         return self.rank == 0
 
 
+def _from_slurm() -> None:
+    """`srun python train.py` without torchrun: take rank, world size and local rank from
+    SLURM's variables (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), as torchvision's and timm's
+    references do. The rendezvous address comes from MASTER_ADDR / MASTER_PORT, which the
+    batch script sets (e.g. MASTER_ADDR=$(scontrol show hostnames | head -n 1)); on one node
+    they default to 127.0.0.1:29500. torchrun's own variables always win."""
+    env = os.environ
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", 1)) < 2:
+        return
+    if "MASTER_ADDR" not in env and int(env.get("SLURM_NNODES", 1)) > 1:
+        raise ConfigError("under srun on several nodes, set MASTER_ADDR (and MASTER_PORT) "
+                          "to the first node, e.g. export MASTER_ADDR=$(scontrol show "
+                          "hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)")
+    env.setdefault("RANK", env["SLURM_PROCID"])
+    env.setdefault("WORLD_SIZE", env["SLURM_NTASKS"])
+    env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
+
+
 def init_distributed(device: str | None = None, timeout_s: float = 1800.0,
                      local_rank: int | None = None) -> DistInfo:
-    """Join torchrun's process group if launched by it, and pick the device.
+    """Join torchrun's (or SLURM srun's) process group if launched by it, and pick the
+    device.
 
     Args:
         device: 'cpu', 'cuda', 'cuda:1' ...; default CUDA when available, else CPU. Under
@@ -41,14 +65,15 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0,
         local_rank: the old launcher's --local-rank flag; LOCAL_RANK from the environment wins.
     Returns:
         DistInfo.
+    Raises:
+        ConfigError (a ValueError): a device this process cannot use (runtime.default_device).
     """
+    _from_slurm()
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank or 0))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = default_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank if launched else 0)
     if dev.type == "cuda":

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
+import warnings
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
 
-from .data import Normalize, Preprocessing, load_image, to_rgb8
 from .checkpoint import read_checkpoint
-from .pretrained import get_model
+from .images import load_image, to_rgb8
+from .errors import ImageReadError, ResNeXtWarning
 from .runtime import autocast, maybe_compile, resolve_amp
+from .transforms import Normalize, Preprocessing
+from .weights import get_model
 
 __all__ = ["InferenceModel", "load_for_inference", "inference_model", "fuse_bn"]
 
@@ -26,8 +28,8 @@ def fuse_bn(model: nn.Module) -> nn.Module:
     conv -> BN in eval mode is one affine map, so the folded conv (with a bias) gives the
     same outputs to float rounding while skipping a full pass over every activation map.
     Only for eval: the copy has no BN to train. The original model is left untouched.
-    Pays off on CPU (1.1-1.3x); on CUDA eager it was slower (H200: 10.1-10.5k vs 12.6k
-    images/s bf16), so load_for_inference folds on CPU only.
+    It pays off on CPU and is slower on CUDA eager (docs/performance.md), so
+    load_for_inference folds on CPU only.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -69,7 +71,7 @@ class InferenceModel(nn.Module):
         device: where it runs.
         amp: autocast dtype (torch.bfloat16/float16) or None for fp32.
         channels_last: whether inputs are converted to channels_last.
-        preprocessing: how images must be prepared (resnext.data.Preprocessing).
+        preprocessing: how images must be prepared (resnext.transforms.Preprocessing).
         class_names: from the weights (or ImageNet's for 1000 classes), else None.
         num_classes: classifier outputs (None without a classifier).
         arch_name: e.g. 'resnext50_32x4d'.
@@ -152,13 +154,14 @@ def load_for_inference(name: str | None, checkpoint: str | os.PathLike | None,
         channels_last: run in channels_last memory format.
         compile: torch.compile where available (runtime.maybe_compile).
         img_size, resize_size: override the crop / resize size (pixels) that the weights'
-            preprocessing gives (see pretrained.preprocessing_of).
+            preprocessing gives (see weights.preprocessing_of).
         verbose: list every key when the weights do not fit the model.
-        announce: print when an option falls back.
+        announce: warn (ResNeXtWarning) when an option falls back.
     Returns:
-        InferenceModel.
+        InferenceModel, its `load_report` set from the weights.
     Raises:
-        The loader's errors (ValueError, FileNotFoundError, RuntimeError for downloads).
+        The loader's errors (resnext.errors: CheckpointError, CheckpointNotFoundError,
+        DownloadError, ConfigError).
     """
     pretrained = read_checkpoint(checkpoint) if checkpoint else True
     model = get_model(name, pretrained=pretrained, verbose=verbose).to(device)
@@ -171,7 +174,8 @@ def load_for_inference(name: str | None, checkpoint: str | os.PathLike | None,
     if fuse and device.type == "cpu":
         net = fuse_bn(net)
     elif fuse and announce:
-        print(f"--fuse-bn ignored on {device.type}: folded BN was measured slower there")
+        warnings.warn(f"--fuse-bn ignored on {device.type}: folded BN is slower there",
+                      ResNeXtWarning, stacklevel=2)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     if compile:
@@ -179,14 +183,7 @@ def load_for_inference(name: str | None, checkpoint: str | os.PathLike | None,
     prepared = InferenceModel(net, device, resolve_amp(amp, device), channels_last,
                               preprocessing, model.class_names, model.num_classes or None,
                               model.arch_name)
-    prepared.load_report = getattr(model, "load_report", None)
-    if announce and prepared.load_report is not None:
-        report = prepared.load_report
-        # What a user should know of the file: a cast, a skipped EMA copy (all with verbose).
-        said = [str(report)] if verbose else report.notes + [
-            part for part in report.format.split(", ") if part.endswith("skipped")]
-        for line in said:
-            print(f"weights: {line}", file=sys.stderr)
+    prepared.load_report = model.weights_info.load_report
     return prepared
 
 
@@ -205,7 +202,7 @@ def inference_model(model: nn.Module | str, image: str | os.PathLike | Image.Ima
         {'pred_scores': (num_classes,) float32 softmax tensor on CPU, 'pred_label': int,
          'pred_score': float, 'pred_class': str (only when the model has class names)}.
     Raises:
-        resnext.data.ImageReadError: the image cannot be read (the message names it).
+        resnext.errors.ImageReadError: the image cannot be read (the message names it).
     """
     if isinstance(model, str):
         model = get_model(model, pretrained=True)
@@ -217,7 +214,11 @@ def inference_model(model: nn.Module | str, image: str | os.PathLike | Image.Ima
                                getattr(model, "preprocessing", None),
                                getattr(model, "class_names", None))
     pil = to_rgb8(image) if isinstance(image, Image.Image) else load_image(image)
-    x = model.preprocessing.transform()(pil).unsqueeze(0)
+    try:
+        x = model.preprocessing.transform()(pil).unsqueeze(0)
+    except ImageReadError as e:
+        raise ImageReadError(f"{image if not isinstance(image, Image.Image) else '<image>'}: "
+                             f"{e}") from None
     scores = model.classify(x)[0].cpu()
     label = int(scores.argmax())
     result = {"pred_scores": scores, "pred_label": label, "pred_score": float(scores[label])}

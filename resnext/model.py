@@ -4,15 +4,14 @@ CVPR 2017, arXiv:1611.05431), as trained by mmpretrain (configs/resnext/*_8xb32_
 The whole network lives here: the grouped bottleneck, the ResNeXt class (stem, four stages,
 pooled linear head) and one factory per released depth/cardinality/width. Module names equal
 torchvision's ResNet (conv1, bn1, layer1..layer4, fc), so our state-dict keys are torchvision's
-and mmpretrain's minus its `backbone.` / `head.` prefixes. Torch only, no I/O: the factories
-build random models; `resnext.resnext50_32x4d(pretrained=...)` (resnext.pretrained) wraps them
-to load weights.
+and mmpretrain's minus its `backbone.` / `head.` prefixes. Torch only, no I/O: a factory
+given pretrained= hands the build to resnext.weights (imported then), which reads the file.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
+import os
 import warnings
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -96,6 +95,12 @@ class ResNeXt(nn.Module):
         ValueError: for a depth other than 50/101/152, non-positive groups or width_per_group,
             negative num_classes, out_indices outside 0..3, frozen_stages outside -1..4.
 
+    Attributes:
+        weights_info: None for a random model; after loading (resnext.weights.load_weights,
+            or a factory's pretrained=) an immutable resnext.weights.WeightsInfo: the file,
+            class names, preprocessing and load report. `class_names` and `preprocessing`
+            read it.
+
     Input (N, 3, H, W) float images normalised with the ImageNet mean/std; output
     (N, num_classes) logits. H and W of at least 32 keep the last map non-empty.
     """
@@ -124,11 +129,9 @@ class ResNeXt(nn.Module):
         self.frozen_stages, self.norm_eval = frozen_stages, norm_eval
         self.zero_init_residual = zero_init_residual
         self.num_features = STAGE_CHANNELS[-1]
-        # Filled by the checkpoint loader: class names, the file the weights came from, and
-        # the preprocessing they expect (resnext.data.Preprocessing; None: the standard one).
-        self.class_names: list[str] | None = None
-        self.weights_source: str | None = None
-        self.preprocessing = None
+        # Set by resnext.weights.load_weights: an immutable record of the file the weights
+        # came from, their class names, preprocessing and load report (None: random init).
+        self.weights_info = None
 
         # Stem: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool (He et al. 2016, Table 1).
         self.conv1 = nn.Conv2d(3, STEM_CHANNELS, 7, stride=2, padding=3, bias=False)
@@ -149,6 +152,19 @@ class ResNeXt(nn.Module):
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
         self.init_weights()
         self._freeze_stages()
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Class names of the classifier, from the weights (weights_info); None for a
+        random model or weights without names."""
+        names = self.weights_info.class_names if self.weights_info is not None else None
+        return list(names) if names is not None else None
+
+    @property
+    def preprocessing(self):
+        """The resnext.transforms.Preprocessing the weights expect (weights_info); None for
+        a random model (the standard one: resize 256, crop 224)."""
+        return self.weights_info.preprocessing if self.weights_info is not None else None
 
     @property
     def arch_name(self) -> str:
@@ -182,9 +198,9 @@ class ResNeXt(nn.Module):
         warning (as mmengine's BaseModule does once initialised), so that a framework that
         calls init_weights() on its modules never silently discards a checkpoint.
         """
-        if self.weights_source is not None:
+        if self.weights_info is not None:
             warnings.warn(f"init_weights() skipped: the weights were loaded from "
-                          f"{self.weights_source}", stacklevel=2)
+                          f"{self.weights_info.source}", stacklevel=2)
             return
         if self.conv1.weight.is_meta:
             return  # built on the meta device to receive a file's tensors: nothing to draw
@@ -282,73 +298,112 @@ class ResNeXt(nn.Module):
         return tuple(outs)
 
 
-# Factories ---------------------------------------------------------------------------------
+# Factories: one per released depth/cardinality/width ------------------------------------
 
-def _build(name: str, depth: int, groups: int, width_per_group: int, kwargs: dict) -> ResNeXt:
-    fixed = {"depth": depth, "groups": groups, "width_per_group": width_per_group}
-    for key, value in fixed.items():
+def _build(name: str, arch: dict, pretrained, num_classes: int | None, reset_head: bool,
+           dtype: torch.dtype | None, verbose: bool, kwargs: dict) -> ResNeXt:
+    for key, value in arch.items():
         if key in kwargs and kwargs[key] != value:
             raise ValueError(f"{name} fixes {key}={value}; got {key}={kwargs[key]!r}. "
                              f"Use ResNeXt(...) or another factory for other sizes.")
         kwargs.pop(key, None)
-    if "pretrained" in kwargs or "reset_head" in kwargs:
-        raise TypeError(f"resnext.model.{name} builds random models; for weights use "
-                        f"resnext.{name}(pretrained=...) or resnext.get_model")
-    return ResNeXt(**fixed, **kwargs)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32, "
+                         f"got {dtype!r}")
+    if pretrained is not False and pretrained is not None:
+        from .weights import build_pretrained  # lazy: only a build with weights reads files
+        return build_pretrained(name, arch["depth"], arch["groups"], arch["width_per_group"],
+                                pretrained, num_classes=num_classes, reset_head=reset_head,
+                                dtype=dtype, verbose=verbose, **kwargs)
+    if reset_head:
+        raise ValueError("reset_head=True only makes sense with pretrained=")
+    model = ResNeXt(**arch, num_classes=1000 if num_classes is None else num_classes, **kwargs)
+    return model if dtype is None else model.to(dtype)
 
 
-def resnext50_32x4d(**kwargs) -> ResNeXt:
+def resnext50_32x4d(*, pretrained: bool | str | os.PathLike = False,
+                    num_classes: int | None = None, reset_head: bool = False,
+                    dtype: torch.dtype | None = None, verbose: bool = False,
+                    **kwargs) -> ResNeXt:
     """ResNeXt-50, cardinality 32, 4 channels per group (paper Table 1; mmpretrain config
     resnext50-32x4d_8xb32_in1k).
 
     Args:
-        **kwargs: forwarded to ResNeXt (num_classes, out_indices, frozen_stages, norm_eval,
-            zero_init_residual). The package-level `resnext.resnext50_32x4d` also takes
-            pretrained (True for the released OpenMMLab weights, or a path/URL of any
-            supported checkpoint) and reset_head (skip a classifier of another size).
+        pretrained: False (random, mmpretrain's init), True (the released OpenMMLab weights,
+            downloaded once into torch.hub's cache), or a path/URL of any supported
+            checkpoint (resnext.checkpoint; a read Checkpoint works too).
+        num_classes: classifier outputs (0: none, forward gives pooled features). Default
+            1000, or with pretrained= the file's classifier size.
+        reset_head: with pretrained=, leave the file's classifier out and start a new
+            num_classes one (fine-tuning on other classes).
+        dtype: the model's floating dtype (default float32, whatever dtype a file holds).
+        verbose: when a file does not fit, list every key (default: the first ones).
+        **kwargs: ResNeXt's backbone options: out_indices, frozen_stages, norm_eval,
+            zero_init_residual.
     Returns:
         Model mapping (N, 3, H, W) normalised float images to (N, num_classes) logits;
-        25,028,904 parameters at 1000 classes.
+        25,028,904 parameters at 1000 classes. With weights, `model.weights_info` records
+        the file, class names and preprocessing.
     Raises:
-        ValueError: if kwargs try to change depth, groups or width_per_group.
-        TypeError: pretrained/reset_head given here (use resnext.resnext50_32x4d).
+        ValueError: kwargs try to change depth, groups or width_per_group; a non-floating
+            dtype; reset_head without pretrained.
+        resnext.errors.CheckpointError, CheckpointNotFoundError, DownloadError: the weights
+            cannot be read or do not fit (see resnext.load_weights).
     """
-    return _build("resnext50_32x4d", 50, 32, 4, kwargs)
+    return _build("resnext50_32x4d", dict(depth=50, groups=32, width_per_group=4), pretrained,
+                  num_classes, reset_head, dtype, verbose, kwargs)
 
 
-def resnext101_32x4d(**kwargs) -> ResNeXt:
+def resnext101_32x4d(*, pretrained: bool | str | os.PathLike = False,
+                     num_classes: int | None = None, reset_head: bool = False,
+                     dtype: torch.dtype | None = None, verbose: bool = False,
+                     **kwargs) -> ResNeXt:
     """ResNeXt-101 32x4d (mmpretrain resnext101-32x4d_8xb32_in1k); 44,177,704 parameters.
 
     Same arguments, returns and errors as resnext50_32x4d.
     """
-    return _build("resnext101_32x4d", 101, 32, 4, kwargs)
+    return _build("resnext101_32x4d", dict(depth=101, groups=32, width_per_group=4),
+                  pretrained, num_classes, reset_head, dtype, verbose, kwargs)
 
 
-def resnext101_32x8d(**kwargs) -> ResNeXt:
+def resnext101_32x8d(*, pretrained: bool | str | os.PathLike = False,
+                     num_classes: int | None = None, reset_head: bool = False,
+                     dtype: torch.dtype | None = None, verbose: bool = False,
+                     **kwargs) -> ResNeXt:
     """ResNeXt-101 32x8d (mmpretrain resnext101-32x8d_8xb32_in1k); 88,791,336 parameters.
 
     Same arguments, returns and errors as resnext50_32x4d.
     """
-    return _build("resnext101_32x8d", 101, 32, 8, kwargs)
+    return _build("resnext101_32x8d", dict(depth=101, groups=32, width_per_group=8),
+                  pretrained, num_classes, reset_head, dtype, verbose, kwargs)
 
 
-def resnext152_32x4d(**kwargs) -> ResNeXt:
+def resnext152_32x4d(*, pretrained: bool | str | os.PathLike = False,
+                     num_classes: int | None = None, reset_head: bool = False,
+                     dtype: torch.dtype | None = None, verbose: bool = False,
+                     **kwargs) -> ResNeXt:
     """ResNeXt-152 32x4d (mmpretrain resnext152-32x4d_8xb32_in1k); 59,951,400 parameters.
 
     Same arguments, returns and errors as resnext50_32x4d.
     """
-    return _build("resnext152_32x4d", 152, 32, 4, kwargs)
+    return _build("resnext152_32x4d", dict(depth=152, groups=32, width_per_group=4),
+                  pretrained, num_classes, reset_head, dtype, verbose, kwargs)
 
 
-def resnext101_64x4d(**kwargs) -> ResNeXt:
+def resnext101_64x4d(*, pretrained: bool | str | os.PathLike = False,
+                     num_classes: int | None = None, reset_head: bool = False,
+                     dtype: torch.dtype | None = None, verbose: bool = False,
+                     **kwargs) -> ResNeXt:
     """ResNeXt-101 64x4d (torchvision's builder; no OpenMMLab release); 83,455,272 parameters.
 
     Same arguments, returns and errors as resnext50_32x4d.
     """
-    return _build("resnext101_64x4d", 101, 64, 4, kwargs)
+    return _build("resnext101_64x4d", dict(depth=101, groups=64, width_per_group=4),
+                  pretrained, num_classes, reset_head, dtype, verbose, kwargs)
 
 
-_FACTORIES: dict[str, Callable[..., ResNeXt]] = {
+#: Factory name -> factory.
+FACTORIES: dict[str, Callable[..., ResNeXt]] = {
     f.__name__: f for f in (resnext50_32x4d, resnext101_32x4d, resnext101_32x8d,
                             resnext152_32x4d, resnext101_64x4d)
 }
@@ -356,4 +411,4 @@ _FACTORIES: dict[str, Callable[..., ResNeXt]] = {
 
 def list_models() -> list[str]:
     """Names of the model factories, e.g. ['resnext101_32x4d', ..., 'resnext50_32x4d']."""
-    return sorted(_FACTORIES)
+    return sorted(FACTORIES)

@@ -4,29 +4,45 @@ The amp choice is resolved to a torch.dtype once (resolve_amp) and passed around
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import os
 import shutil
-import sys
-from typing import Callable, NoReturn
+import warnings
 
 import torch
 from torch import nn
 
+from .errors import ConfigError, ResNeXtWarning
+
 __all__ = ["default_device", "resolve_amp", "amp_name", "autocast", "compile_available",
-           "maybe_compile", "available_cpus", "default_workers", "positive_int",
-           "non_negative_int", "HelpFormatter", "add_common_args", "select_kernels", "run_cli"]
+           "maybe_compile", "available_cpus", "default_workers", "select_kernels",
+           "shared_memory_free", "fit_loader_to_shared_memory"]
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
-    """`device` as a torch.device; None means CUDA when available, else CPU."""
+    """`device` as a torch.device that this process can use; None means CUDA when available,
+    else CPU.
+
+    Raises:
+        ConfigError (a ValueError): a malformed device string, or a CUDA device when torch
+            sees no GPU (or fewer than its index needs).
+    """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"--device {device!r}: {e}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ConfigError(f"--device {device}: torch {torch.__version__} ({build}) sees "
+                              f"{count} CUDA GPU(s); use --device cpu")
+    return dev
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -42,16 +58,15 @@ def _cpu_has_fast_bf16() -> bool:
 def resolve_amp(amp: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a --amp value, decided once.
 
-    'auto' picks by measurement per device class:
+    'auto' picks per device class (the measurements behind it: docs/performance.md):
       * CUDA with fp16 tensor cores (compute capability 7.0, Volta, and newer): float16 (with
-        a GradScaler in training). On an H200, resnext50_32x4d trains at 4,446 images/s in
-        fp16 vs 3,675 in bf16 (channels_last, batch 256): cuDNN's grouped convolutions are
-        faster in fp16; Volta and Turing have no bf16 anyway.
+        a GradScaler in training); cuDNN's grouped convolutions are faster in fp16 than in
+        bf16, and Volta and Turing have no bf16 anyway.
       * older CUDA GPUs: None (fp32). They have no tensor cores; consumer Pascal (6.1) runs
         fp16 arithmetic at 1/64 of its fp32 rate (NVIDIA's GP104 specifications). The P100
-        (6.0) has fast fp16, but nobody measured it here, so it gets fp32 too.
-      * CPU with AVX512-BF16 or AMX: bfloat16 (1.5-3.9x fp32 inference on a 2-core EPYC,
-        benchmarks/results_cpu.json). Other CPUs: None (fp32), since bf16 is emulated there.
+        (6.0) has fast fp16 but is unmeasured, so it gets fp32 too.
+      * CPU with AVX512-BF16 or AMX: bfloat16. Other CPUs: None (fp32), since bf16 is
+        emulated there.
 
     Args:
         amp: None (fp32), 'auto', 'bf16', 'fp16', or already a dtype.
@@ -68,7 +83,7 @@ def resolve_amp(amp: str | torch.dtype | None, device: torch.device) -> torch.dt
             return torch.float16 if _cuda_has_tensor_cores(device) else None
         return torch.bfloat16 if device.type == "cpu" and _cpu_has_fast_bf16() else None
     if amp not in _AMP_DTYPES:
-        raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or None, got {amp!r}")
+        raise ConfigError(f"amp must be 'auto', 'bf16', 'fp16' or None, got {amp!r}")
     return _AMP_DTYPES[amp]
 
 
@@ -132,7 +147,7 @@ def maybe_compile(model: nn.Module, device: torch.device, announce: bool = True,
     Args:
         model: the module to compile.
         device: where it runs (CUDA also needs Triton).
-        announce: print why compilation was skipped.
+        announce: warn (ResNeXtWarning) why compilation was skipped.
         **compile_kwargs: forwarded to torch.compile (e.g. mode='reduce-overhead').
     Returns:
         The compiled module (compiled lazily, on its first calls) or `model` itself.
@@ -141,7 +156,8 @@ def maybe_compile(model: nn.Module, device: torch.device, announce: bool = True,
     if ok:
         return torch.compile(model, **compile_kwargs)
     if announce:
-        print(f"--compile ignored: {why}; running eager")
+        warnings.warn(f"--compile ignored: {why}; running eager", ResNeXtWarning,
+                      stacklevel=2)
     return model
 
 
@@ -170,93 +186,43 @@ def default_workers(processes_per_node: int | None = None, cap: int = 16) -> int
     return max(1, min(cap, available_cpus() // max(1, processes_per_node) - 1))
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (0 or less is an argument error, not a traceback)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def shared_memory_free() -> int | None:
+    """Free bytes in /dev/shm, where DataLoader workers hand their batches to the main process
+    (Linux); None where there is no such folder."""
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return None
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+def fit_loader_to_shared_memory(workers: int, prefetch: int, batch_bytes: int,
+                                free: int | None = None) -> tuple[int, int, str | None]:
+    """Loader workers and prefetch that fit the shared memory there is.
 
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's defaults formatter, except where the help already says what the default
-    is, or the default is None or False (nothing to say)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
-            return text
-        return super()._get_help_string(action)
-
-
-def add_common_args(parser: argparse.ArgumentParser, batch_size: int = 32,
-                    training: bool = False) -> None:
-    """The flags train.py, evaluate.py and predict.py share, with one meaning and default:
-    --model, --batch-size (images per process), --workers (default_workers()), --img-size,
-    --device, --amp, --channels-last/--no-channels-last (on), --compile, --verbose,
-    --max-image-pixels.
+    Each worker keeps up to `prefetch` batches in /dev/shm until the main process takes them;
+    when that does not fit (Docker's default /dev/shm is 64 MB), the workers fail or, worse,
+    the main process waits for a batch that never comes. This asks for less instead: fewer
+    batches in flight, then fewer workers, then none (decoding in the main process).
 
     Args:
-        parser: the script's parser, extended in place.
-        batch_size: the script's default images per process (32, the recipe's; predict 16).
-        training: train.py's wording for --model and --img-size (no checkpoint decides them).
+        workers: the asked number of loader processes.
+        prefetch: batches each worker keeps in flight (DataLoader's prefetch_factor).
+        batch_bytes: bytes of one batch of samples as the workers send them.
+        free: free shared memory in bytes; default shared_memory_free().
+    Returns:
+        (workers, prefetch, note): unchanged with note None when it fits or nothing is known;
+        else what fits and a one-line note of the cause and the fix.
     """
-    p = parser
-    p.add_argument("--model", default=None, help="factory or seed name (resnext50_32x4d, "
-                   "resnext50-32x4d_8xb32_in1k, ...); default: " + (
-                       "resnext50_32x4d" if training else
-                       "the checkpoint's own, else resnext50_32x4d"))
-    p.add_argument("--batch-size", type=positive_int, default=batch_size,
-                   help="images per process")
-    p.add_argument("--workers", type=non_negative_int, default=default_workers(),
-                   help=f"data-loading processes per process (default: this node's CPUs per "
-                        f"process less one, 1 to 16: here {default_workers()})")
-    p.add_argument("--img-size", type=positive_int, default=None,
-                   help="crop size in pixels; evaluation resizes to img-size/0.875 first. "
-                        "Default: " + ("224" if training else
-                                       "the size stored with the weights, else 224"))
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; default cuda when "
-                   "available")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16"], default=None,
-                   help="autocast dtype; default fp32 (the reference numbers). auto: fp16 on "
-                        "GPUs with tensor cores (Volta and newer; measured faster on H200), "
-                        "bf16 on CPUs with AVX512-BF16/AMX, else fp32")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels_last memory format (same results to float rounding, faster)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (needs a C++ compiler; pays off on long runs)")
-    p.add_argument("--verbose", action="store_true",
-                   help="when weights do not fit the model, list every key (default: the "
-                        "architecture the file holds and the first keys)")
-    p.add_argument("--max-image-pixels", type=non_negative_int, default=None,
-                   help="refuse images with more pixels than this (decompression-bomb guard); "
-                        "0 = no limit; default Pillow's 89,478,485")
-
-
-def run_cli(prog: str, main: Callable[[argparse.Namespace], object],
-            args: argparse.Namespace) -> NoReturn:
-    """Run predict.py's or evaluate.py's main and exit the way command-line tools do.
-
-    Exit status: main's return value when it is an int, else 0; 2 with one line
-    "prog: error: ..." on stderr for ValueError, RuntimeError or FileNotFoundError (bad
-    input, named by the message; ImageReadError is a ValueError); 141, silently, when the
-    reader of stdout left (`predict.py ... | head`), as other Unix tools end.
-    """
-    try:
-        status = main(args)
-    except BrokenPipeError:
-        # Point stdout at devnull so that Python's final flush does not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(status if isinstance(status, int) else 0)
+    free = shared_memory_free() if free is None else free
+    per_batch = int(batch_bytes * 1.5) + 1  # headroom: labels, a batch being collated
+    if workers == 0 or free is None or workers * prefetch * per_batch <= free:
+        return workers, prefetch, None
+    new_prefetch = max(1, min(prefetch, free // (workers * per_batch)))
+    new_workers = workers if workers * new_prefetch * per_batch <= free else min(
+        workers, free // per_batch)
+    chosen = (f"{new_workers} workers x {new_prefetch} batches" if new_workers else
+              "no loader workers (decoding in the main process)")
+    note = (f"shared memory (/dev/shm, {free / 2**20:.0f} MB free) is too small for "
+            f"{workers} workers x {prefetch} batches of {batch_bytes / 2**20:.1f} MB: using "
+            f"{chosen}; a larger /dev/shm (docker run --shm-size=2g) or --workers changes it")
+    return new_workers, new_prefetch, note

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError
+
 __all__ = ["load_weights_only", "NumpyArrayStandIn"]
 
 
@@ -197,8 +199,9 @@ def load_weights_only(path: Path) -> Any:
     """torch.load with map_location='cpu' and weights_only=True, stand-ins registered.
 
     Raises:
-        ValueError: naming `path`, if it is not a torch file or its pickle names a global
-            outside torch's weights-only allowlist and our stand-ins (it never runs).
+        CheckpointError (a ValueError): naming `path`, if it is not a torch file or its
+            pickle names a global outside torch's weights-only allowlist and our stand-ins
+            (it never runs).
     """
     try:
         with torch.serialization.safe_globals(_STAND_INS):
@@ -210,11 +213,12 @@ def load_weights_only(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         detail = _reason(str(e))
         if re.search(r"global|reduce|build|new object", detail, re.IGNORECASE):
-            raise ValueError(f"{path}: refused to load: its pickle asks for code beyond tensors "
-                             f"and plain data ({detail}); nothing from it was run") from None
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({detail})") from None
+            raise CheckpointError(f"{path}: refused to load: its pickle asks for code beyond "
+                                  f"tensors and plain data ({detail}); nothing from it was "
+                                  f"run") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail})") from None
     except FileNotFoundError:
         raise
     except Exception as e:  # garbage makes the unpickler fail in many ways (KeyError, EOF...)
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-                         f"{_reason(str(e))})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                              f"{_reason(str(e))})") from None

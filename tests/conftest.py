@@ -6,19 +6,15 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"  # the photos the tests read (see its README.md)
+DEMO = REPO / "demo"  # the four demo photos
+HYMENOPTERA = DATA / "hymenoptera"  # ants/bees, train/ and val/ in ImageFolder layout
 
 
-def _find_shared_data() -> Path:
-    candidates = [os.environ.get("RESNEXT_SHARED_DATA"), REPO.parent / "shared" / "data",
-                  "/work/shared/data"]
-    for c in candidates:
-        if c and (Path(c) / "demo" / "bird.JPEG").is_file():
-            return Path(c)
-    raise RuntimeError(f"real test photos not found in any of {candidates}; "
-                       "set RESNEXT_SHARED_DATA to the shared/data folder")
-
-
-DATA = _find_shared_data()
+def count_files(folder: Path) -> int:
+    """Files under `folder`, recursively: the expected number of images, counted without
+    our package (the data folders hold photos only)."""
+    return sum(len(files) for _, _, files in os.walk(folder))
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -53,7 +49,7 @@ def _fit_head(model: torch.nn.Module, img_size: int = 64, steps: int = 300) -> N
     from torchvision import datasets, transforms as T
     tf = T.Compose([T.Resize(img_size), T.CenterCrop(img_size), T.ToTensor(),
                     T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    ds = datasets.ImageFolder(str(DATA / "hymenoptera_data" / "train"), tf)
+    ds = datasets.ImageFolder(str(HYMENOPTERA / "train"), tf)
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     y = torch.tensor(ds.targets)
     model.eval()

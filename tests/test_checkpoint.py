@@ -18,9 +18,9 @@ import torchvision
 
 import resnext
 from resnext import unpickling
-from resnext.checkpoint import export_openmmlab, load_weights, read_checkpoint
-from resnext.pretrained import RELEASED_WEIGHTS, get_model
-from conftest import DATA, randomize_
+from resnext.checkpoint import export_openmmlab, read_checkpoint
+from resnext.weights import RELEASED_WEIGHTS, get_model, load_weights
+from conftest import DEMO, randomize_
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def reference():
     from torchvision import transforms as T
     tf = T.Compose([T.Resize(73), T.CenterCrop(64), T.ToTensor(),
                     T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    with Image.open(DATA / "demo" / "demo.JPEG") as im:
+    with Image.open(DEMO / "demo.JPEG") as im:
         x = tf(im.convert("RGB")).unsqueeze(0)
     with torch.no_grad():
         logits = model(x)
@@ -290,8 +290,13 @@ def test_head_mismatch_with_and_without_reset(reference, tmp_path):
     model, x, _ = reference
     torch.save({"meta": {"CLASSES": LONG_NAMES}, "state_dict": openmmlab_keys(model.state_dict())},
                tmp_path / "in1k.pth")
-    with pytest.raises(ValueError, match="1000 classes, the model 2; pass reset_head=True"):
+    with pytest.raises(resnext.CheckpointError, match="has 1000 classes, the model's has 2; "
+                       "to use the file's 1000-class head, build the model with "
+                       "num_classes=1000 or get_model.*pass reset_head=True") as error:
         resnext.resnext50_32x4d(num_classes=2, pretrained=str(tmp_path / "in1k.pth"))
+    assert isinstance(error.value, ValueError)  # what callers caught before the error types
+    # Without num_classes a factory takes the file's head, as get_model does.
+    assert resnext.resnext50_32x4d(pretrained=str(tmp_path / "in1k.pth")).fc.out_features == 1000
     tuned = resnext.resnext50_32x4d(num_classes=2, pretrained=str(tmp_path / "in1k.pth"),
                                     reset_head=True)
     # The new head has mmpretrain's init (Normal(0, 0.01), zero bias); the rest is the file's.
@@ -308,8 +313,7 @@ def test_head_mismatch_with_and_without_reset(reference, tmp_path):
 
 def test_export_openmmlab_round_trip(reference, tmp_path):
     model, x, expected = reference
-    model.class_names = LONG_NAMES
-    path = export_openmmlab(model, tmp_path / "sub" / "rx50_for_mmdet.pth")
+    path = export_openmmlab(model, tmp_path / "sub" / "rx50_for_mmdet.pth", classes=LONG_NAMES)
     raw = torch.load(path, weights_only=True)
     assert raw["meta"]["CLASSES"] == LONG_NAMES
     assert raw["meta"]["dataset_meta"]["classes"] == LONG_NAMES

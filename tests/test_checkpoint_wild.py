@@ -10,10 +10,11 @@ import torchvision
 
 import resnext
 from resnext import checkpoint as ck, unpickling
-from resnext.checkpoint import detect_architecture, load_weights, read_checkpoint
+from resnext.checkpoint import detect_architecture, read_checkpoint
+from resnext.weights import load_weights
 from resnext.model import ResNeXt
-from resnext.pretrained import get_model
-from conftest import DATA, randomize_
+from resnext.weights import get_model
+from conftest import DEMO, randomize_
 
 
 def small_model(seed: int = 5) -> ResNeXt:
@@ -30,7 +31,7 @@ def openmmlab_keys(sd):
 @pytest.fixture(scope="module")
 def bird():
     """bird.JPEG through the package's test pipeline: (1, 3, 224, 224) float32."""
-    return resnext.eval_transform()(resnext.load_image(DATA / "demo" / "bird.JPEG")).unsqueeze(0)
+    return resnext.eval_transform()(resnext.load_image(DEMO / "bird.JPEG")).unsqueeze(0)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_low_or_high_precision_file_gives_float32_model(small, bird, tmp_path, d
     assert all(torch.equal(v, other[k]) for k, v in existing.state_dict().items())
     name = str(dtype).removeprefix("torch.")
     assert f"tensors were {name}, cast to float32" in str(report)
-    assert built.load_report.notes == report.notes and report.file_dtypes == [name]
+    assert built.weights_info.load_report.notes == report.notes and report.file_dtypes == [name]
 
 
 def test_dtype_argument_builds_that_dtype(small, bird, tmp_path):
@@ -88,10 +89,10 @@ def test_dtype_argument_builds_that_dtype(small, bird, tmp_path):
     assert model.layer1[0].bn1.num_batches_tracked.dtype == torch.int64
     logits = logits_of(model, bird.double())
     assert torch.allclose(logits.float(), plain_logits(sd, bird), rtol=1e-4, atol=1e-5)
-    assert "cast to float64" in str(model.load_report)
+    assert "cast to float64" in str(model.weights_info.load_report)
     # A float32 file into a float32 model says nothing about casting.
     torch.save(small.state_dict(), tmp_path / "f32.pth")
-    assert get_model(pretrained=str(tmp_path / "f32.pth")).load_report.notes == []
+    assert get_model(pretrained=str(tmp_path / "f32.pth")).weights_info.load_report.notes == []
     with pytest.raises(ValueError, match="floating torch.dtype"):
         resnext.resnext50_32x4d(dtype=torch.int8)
 
@@ -110,7 +111,8 @@ def test_mmcls_ema_keys_are_skipped(small, bird, tmp_path):
                 "state_dict": {**sd, **ema}}, tmp_path / "ema.pth")
     model = get_model(pretrained=str(tmp_path / "ema.pth"))
     assert torch.equal(logits_of(model, bird), logits_of(small, bird))
-    assert model.load_report.format == f"mmcls 0.x, EMA copy ({len(params)} ema_* keys) skipped"
+    assert model.weights_info.load_report.format == (
+        f"mmcls 0.x, EMA copy ({len(params)} ema_* keys) skipped")
     assert len(params) == 161  # every parameter of a ResNeXt-50, as in the issue
 
     # ema_* keys that shadow no main key (or not one of the same shape) are still refused.
@@ -135,7 +137,7 @@ def test_mmengine_ema_state_dict_is_skipped(small, bird, tmp_path):
     model = get_model(pretrained=str(tmp_path / "ema.pth"))
     assert torch.equal(logits_of(model, bird), logits_of(small, bird))
     assert model.class_names == ["a", "b", "c"]
-    fmt = model.load_report.format
+    fmt = model.weights_info.load_report.format
     assert fmt.startswith("mmpretrain 1.x") and f"EMA copy (ema_state_dict, {len(ema_sd)}" in fmt
 
 
@@ -170,7 +172,7 @@ def test_numpy_arrays_load_as_tensors(small, bird, tmp_path, layout):
         meta = dict(ckpt.raw["meta"])
         assert torch.equal(meta.pop("history"), torch.zeros(0, 2))  # b'' pickles as bytes()
         assert meta == {"epoch": 90, "lr": 0.5}  # numpy scalars as Python numbers
-        assert "tensors were float16, cast to float32" in str(model.load_report)
+        assert "tensors were float16, cast to float32" in str(model.weights_info.load_report)
 
 
 def test_numpy_arrays_that_cannot_be_tensors_are_named(small, tmp_path):

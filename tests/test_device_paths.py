@@ -11,14 +11,15 @@ import pytest
 import torch
 import torchvision.transforms as T
 
-from conftest import DATA, REPO
-from resnext.data import FastTrainTransform, Normalize, Preprocessing, load_image
+from conftest import HYMENOPTERA, REPO
+from resnext.images import load_image
+from resnext.transforms import FastTrainTransform, Normalize, Preprocessing
 from resnext.model import ResNeXt
 
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402
 
-TRAIN = DATA / "hymenoptera_data" / "train"
+TRAIN = HYMENOPTERA / "train"
 PHOTOS = sorted((TRAIN / "ants").iterdir())[:6] + sorted((TRAIN / "bees").iterdir())[:6]
 TORCHVISION_NORMALIZE = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 

@@ -9,13 +9,15 @@ import pytest
 import torch
 from PIL import Image, ImageChops, ImageStat
 
-from resnext.data import (IMAGE_EXTENSIONS, ClassFolderDataset, FastTrainTransform,
-                          ImageReadError, folder_class_mapping, list_class_folders,
-                          list_images, load_image, set_max_image_pixels, to_rgb8)
-from conftest import DATA
+from resnext.datasets import ClassFolderDataset, folder_class_mapping
+from resnext.errors import ImageReadError
+from resnext.images import (IMAGE_EXTENSIONS, list_class_folders, list_images, load_image,
+                            set_max_image_pixels, to_rgb8)
+from resnext.transforms import FastTrainTransform
+from conftest import DEMO, HYMENOPTERA, count_files
 
-BIRD = DATA / "demo" / "bird.JPEG"
-VAL = DATA / "hymenoptera_data" / "val"
+BIRD = DEMO / "bird.JPEG"
+VAL = HYMENOPTERA / "val"
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +323,7 @@ def test_class_folder_dataset_matches_torchvision_image_folder():
     ours = ClassFolderDataset(VAL)
     assert ours.classes == reference.classes and ours.class_to_idx == reference.class_to_idx
     assert ours.samples == reference.samples and ours.targets == reference.targets
-    assert len(ours) == 153 and ours.empty_classes == []
+    assert len(ours) == count_files(VAL) and ours.empty_classes == []
     image, label = ours[0]
     assert label == reference[0][1]
     assert image.tobytes() == reference[0][0].tobytes()

@@ -8,7 +8,7 @@ from torchvision.models.resnet import Bottleneck as TVBottleneck, ResNet as TVRe
 
 import resnext
 from resnext import ResNeXt, get_complexity, list_models
-from conftest import DATA, randomize_
+from conftest import DEMO, randomize_
 
 # Parameter counts at 1000 classes: mmpretrain's metafile / REFERENCE.md (torchvision's
 # documentation for 101_64x4d).
@@ -149,7 +149,7 @@ def _photo_batch() -> torch.Tensor:
     """bird.JPEG through torchvision's own transforms (independent of our pipeline)."""
     tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
                     T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    with Image.open(DATA / "demo" / "bird.JPEG") as im:
+    with Image.open(DEMO / "bird.JPEG") as im:
         return tf(im.convert("RGB")).unsqueeze(0)
 
 

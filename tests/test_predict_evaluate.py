@@ -12,13 +12,16 @@ from PIL import Image
 from torchvision import datasets, transforms as T
 
 import resnext
-from resnext.data import ImageReadError, build_dataset, eval_transform, load_image
+from resnext.datasets import build_dataset
+from resnext.errors import ImageReadError
+from resnext.images import load_image
+from resnext.transforms import eval_transform
 from resnext import inference_model  # the public API, as the README shows
-from conftest import DATA, REPO
+from conftest import DATA, DEMO, HYMENOPTERA, REPO, count_files
 
 NORM = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-BIRD = DATA / "demo" / "bird.JPEG"
-VAL = DATA / "hymenoptera_data" / "val"
+BIRD = DEMO / "bird.JPEG"
+VAL = HYMENOPTERA / "val"
 
 
 def run_script(*args, env=None, timeout=300):
@@ -72,7 +75,7 @@ def test_image_modes_and_exif(tmp_path):
     assert _mean_abs(tf(load_image(tmp_path / "cmyk.jpg")), tf(upright)) < 0.05
 
     # Palette PNG with transparency, RGBA (cat-dog.png), LA and grayscale.
-    with Image.open(DATA / "demo" / "cat-dog.png") as im:
+    with Image.open(DEMO / "cat-dog.png") as im:
         assert im.mode == "RGBA"
         rgba = im.copy()
     pal = rgba.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE)
@@ -85,7 +88,7 @@ def test_image_modes_and_exif(tmp_path):
         with Image.open(tmp_path / name) as im:
             assert im.mode in ("P", "LA", "L"), name
     for path in [tmp_path / n for n in ("palette.png", "palette_plain.png", "la.png",
-                                        "gray.png")] + [DATA / "demo" / "cat-dog.png"]:
+                                        "gray.png")] + [DEMO / "cat-dog.png"]:
         img = load_image(path)
         assert img.mode == "RGB"
         assert tf(img).shape == (3, 224, 224)
@@ -113,7 +116,7 @@ def test_predict_modes_and_broken_files(tmp_path, ants_bees_checkpoint):
     photos.mkdir()
     for p in sorted((VAL / "bees").iterdir())[:2]:
         shutil.copy(p, photos / p.name.upper())  # upper-case extension still matched
-    shutil.copy(DATA / "demo" / "cat-dog.png", photos / "cat-dog.png")
+    shutil.copy(DEMO / "cat-dog.png", photos / "cat-dog.png")
     Image.open(BIRD).convert("CMYK").save(photos / "cmyk.jpg")
     Image.open(BIRD).convert("L").save(photos / "gray.png")
     data = BIRD.read_bytes()
@@ -206,18 +209,18 @@ def _eval_args(*extra):
 @pytest.mark.slow
 def test_evaluate_matches_independent_count(tmp_path, ants_bees_checkpoint, independent_top1):
     hits, n = independent_top1
-    assert n == 153
+    assert n == count_files(VAL)
     import evaluate
     args = evaluate.get_args_parser().parse_args(
         ["--data", str(VAL), "--checkpoint", str(ants_bees_checkpoint),
          "--json", str(tmp_path / "r.json"), *_eval_args()])
     result = evaluate.main(args)
-    assert result["num_images"] == 153
-    assert result["top1"] == pytest.approx(100 * hits / 153)
-    assert 0 < hits < 153  # a real test: predictions are neither all right nor all wrong
+    assert result["num_images"] == n
+    assert result["top1"] == pytest.approx(100 * hits / n)
+    assert 0 < hits < n  # a real test: predictions are neither all right nor all wrong
     summary = json.loads((tmp_path / "r.json").read_text())
     # Two classes: "top-5" is top-2 (always 100%), and is named so.
-    assert summary == {"top1": result["top1"], "top2": 100.0, "k": 2, "num_images": 153,
+    assert summary == {"top1": result["top1"], "top2": 100.0, "k": 2, "num_images": n,
                        "model": "resnext50_32x4d", "checkpoint": str(ants_bees_checkpoint)}
 
     # The annotation-file layout gives the same numbers (labels as ImageFolder's order).
@@ -233,20 +236,21 @@ def test_evaluate_matches_independent_count(tmp_path, ants_bees_checkpoint, inde
 @pytest.mark.slow
 def test_evaluate_two_processes_counts_each_image_once(tmp_path, ants_bees_checkpoint,
                                                        independent_top1):
-    hits, _ = independent_top1
+    hits, n = independent_top1
+    assert n % 2 == 1  # odd: two processes would pad one duplicate
     res = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                      "evaluate.py", "--data", VAL, "--checkpoint", ants_bees_checkpoint,
                      "--json", tmp_path / "r.json", *_eval_args())
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "r.json").read_text())
-    assert summary["num_images"] == 153  # not 154: no padded duplicate
-    assert summary["top1"] == pytest.approx(100 * hits / 153)
+    assert summary["num_images"] == n  # not n + 1: no padded duplicate
+    assert summary["top1"] == pytest.approx(100 * hits / n)
     assert res.stdout.count("accuracy/top1") == 1  # rank 0 only
 
 
 def test_evaluate_imagenet_wnid_folders_keep_imagenet_indices(tmp_path):
     # A 1000-class model: the 10 wnid folders get their ImageNet indices, read here from the
-    # shared table (not our package's copy).
+    # copy of the table in tests/data (not our package's copy).
     table = {}
     for line in (DATA / "imagenet1k_wnids.tsv").read_text().splitlines():
         index, wnid, _ = line.split("\t")
@@ -282,7 +286,9 @@ def test_dataset_layout_errors(tmp_path):
     # The model's own names match whatever the sort order.
     ds = build_dataset(VAL, class_names=["bees", "ants"])
     assert ds.class_to_idx == {"bees": 0, "ants": 1}
-    assert ds.targets.count(0) == 83 and ds.targets.count(1) == 70
+    bees, ants = count_files(VAL / "bees"), count_files(VAL / "ants")
+    assert bees != ants  # so that a swapped mapping would show
+    assert ds.targets.count(0) == bees and ds.targets.count(1) == ants
     bad = tmp_path / "bad.txt"
     bad.write_text("ants/x.jpg 0\nno_label_here\n")
     with pytest.raises(ValueError, match=r"bad\.txt:2"):

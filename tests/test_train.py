@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DATA, REPO
+from conftest import HYMENOPTERA, REPO, count_files
 
 pytestmark = pytest.mark.slow
 
-HYMENOPTERA = DATA / "hymenoptera_data"
-COMMON = ["--data", str(HYMENOPTERA), "--img-size", "32", "--batch-size", "16", "--lr", "0.01",
-          "--log-interval", "3", "--seed", "1", "--deterministic"]
+# Per-process batch: small, so that the few photos of tests/data still make several steps
+# per epoch, also with two processes.
+BATCH = 5
+COMMON = ["--data", str(HYMENOPTERA), "--img-size", "32", "--batch-size", str(BATCH),
+          "--lr", "0.01", "--log-interval", "3", "--seed", "1", "--deterministic"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
@@ -121,7 +123,7 @@ def test_kill_during_checkpoint_write_then_auto_resume(tmp_path, three_epochs):
 
 def test_missing_resume_path_is_an_error(tmp_path):
     res = run([sys.executable, *train_cmd(tmp_path, "--resume", tmp_path / "nope.pth")])
-    assert res.returncode == 1
+    assert res.returncode == 2  # a setup error, as in evaluate.py and predict.py
     assert "nope.pth: no such checkpoint" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "last.pth").exists()
 
@@ -183,17 +185,23 @@ def test_torchrun_two_processes(two_process_run, tmp_path):
     assert [r["type"] for r in log].count("header") == 1
     header = log[0]
     assert header["type"] == "header" and header["world_size"] == 2
-    assert header["total_batch"] == 32 and header["lr"] == 0.01
+    assert header["total_batch"] == 2 * BATCH and header["lr"] == 0.01
     epochs = [r for r in log if r["type"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2]
     intervals = [r for r in log if r["type"] == "train"]
-    # 244 images, 2 ranks, batch 16, drop_last: 7 steps per epoch; logged at 3, 6, 7.
-    assert [(r["epoch"], r["iter"]) for r in intervals] == [(1, 3), (1, 6), (1, 7),
-                                                           (2, 3), (2, 6), (2, 7)]
+    # Each rank gets n_train // 2 images, batches of BATCH, drop_last: `steps` per epoch,
+    # logged every 3 steps and at the epoch's last step.
+    steps = count_files(HYMENOPTERA / "train") // 2 // BATCH
+    assert steps > 3 and steps % 3  # the data has a last step off the interval
+    logged = [s for s in range(1, steps + 1) if s % 3 == 0 or s == steps]
+    assert [(r["epoch"], r["iter"]) for r in intervals] == [(e, s) for e in (1, 2)
+                                                           for s in logged]
     for r in intervals:
         assert {"loss", "lr", "images_per_s", "data_time", "time", "step"} <= set(r)
-    assert all(r["val_images"] == 153 for r in epochs)  # each val image once, not 154
-    assert all(r["train_images"] == 224 for r in epochs)
+    n_val = count_files(HYMENOPTERA / "val")
+    assert n_val % 2 == 1  # odd: a padded duplicate would show
+    assert all(r["val_images"] == n_val for r in epochs)  # each val image once, not n_val + 1
+    assert all(r["train_images"] == 2 * steps * BATCH for r in epochs)
     assert epochs[0]["train_loss"] != epochs[1]["train_loss"]
     # Per-process BN statistics without torch 2.14's broadcast_buffers deprecation warning.
     assert "broadcast_buffers" not in res.stderr and "FutureWarning" not in res.stderr
@@ -204,7 +212,7 @@ def test_torchrun_two_processes(two_process_run, tmp_path):
         ["--data", str(HYMENOPTERA / "val"), "--checkpoint", str(work / "last.pth"),
          "--workers", "0"])
     result = evaluate.main(args)
-    assert result["num_images"] == 153
+    assert result["num_images"] == n_val
     assert result["top1"] == pytest.approx(epochs[-1]["accuracy/top1"])
     assert result["k"] == 2 and result["top2"] == pytest.approx(epochs[-1]["accuracy/top2"])
 
@@ -266,7 +274,9 @@ def test_fast_options_train_and_validate(tmp_path):
     res = run_ok([sys.executable, *train_cmd(work, "--epochs", "1", "--fast-decode", "--amp",
                                              "auto", "--channels-last", workers=1)])
     epoch = [r for r in read_log(work) if r["type"] == "epoch"]
-    assert len(epoch) == 1 and epoch[0]["val_images"] == 153 and epoch[0]["train_images"] == 240
+    n_train, n_val = count_files(HYMENOPTERA / "train"), count_files(HYMENOPTERA / "val")
+    assert len(epoch) == 1 and epoch[0]["val_images"] == n_val
+    assert epoch[0]["train_images"] == n_train // BATCH * BATCH  # drop_last
     assert all(map(lambda v: v == v, (epoch[0]["train_loss"], epoch[0]["val_loss"])))  # no NaN
     assert "epoch 1/1:" in res.stdout
 
@@ -289,7 +299,8 @@ def test_resume_with_another_batch_keeps_and_announces_the_lr(tmp_path):
     # The rule: the checkpoint's optimizer state (lr and schedule) wins; a changed total batch
     # is announced, and what is printed and logged is the lr every step then uses.
     work = tmp_path / "h"
-    run_ok([sys.executable, *train_cmd(work, "--epochs", "1", "--auto-scale-lr")])
+    run_ok([sys.executable, *train_cmd(work, "--epochs", "1", "--auto-scale-lr",
+                                       "--batch-size", "16")])
     saved_lr = 0.01 * 16 / 256  # --lr 0.01 scaled to a total batch of 16
     assert weights(work / "last.pth")["optimizer"]["param_groups"][0]["lr"] == saved_lr
     res = run_ok([sys.executable, *train_cmd(work, "--epochs", "2", "--auto-scale-lr",
