@@ -40,10 +40,12 @@ from resnext.cli import (EXIT_FAILED, HelpFormatter, add_common_args, check_outp
                          positive_int, printable, run_cli)
 from resnext.datasets import EpochTaggedSampler, SeededAugmentation, build_dataset
 from resnext.distributed import cleanup_distributed, init_distributed
-from resnext.errors import CheckpointNotFoundError, DatasetError, ResNeXtError
+from resnext import recipes
+from resnext.errors import CheckpointNotFoundError, ConfigError, DatasetError, ResNeXtError
 from resnext.evaluation import build_loader, count_topk, evaluate, topk_for
 from resnext.images import load_image, pixel_limit_worker_init, set_max_image_pixels
 from resnext.inference import InferenceModel
+from resnext.recipes import BatchMixer, parameter_groups
 from resnext.runtime import (amp_name, autocast, fit_loader_to_shared_memory, maybe_compile,
                              resolve_amp, select_kernels)
 from resnext.transforms import FastTrainTransform, Normalize, Preprocessing, train_transform
@@ -97,7 +99,59 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-rank", "--local_rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # torch.distributed.launch compatibility
     add_common_args(p, training=True)
+    add_recipe_args(p)
     return p
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """Options beside mmpretrain's recipe, with torchvision's references' meanings; none is
+    on by default, so the default run is mmpretrain's."""
+    g = p.add_argument_group("recipe options (torchvision references/classification)")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                   help="sgd (momentum --momentum) or adamw")
+    g.add_argument("--lr-scheduler", choices=["step", "cosine"], default="step",
+                   help="step: x --gamma at --milestones; cosine: to --min-lr over the epochs "
+                        "after warmup; both stepped once per epoch")
+    g.add_argument("--warmup-epochs", type=int, default=0,
+                   help="linear lr warmup, from lr x --warmup-lr-factor, over these epochs")
+    g.add_argument("--warmup-lr-factor", type=float, default=0.01,
+                   help="the warmup's first-epoch lr as a fraction of the lr")
+    g.add_argument("--min-lr", type=float, default=0.0, help="cosine's final lr")
+    g.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="cross-entropy label smoothing (0.1 in torchvision's V2 recipe)")
+    g.add_argument("--mixup-alpha", type=float, default=0.0,
+                   help="MixUp Beta(alpha, alpha) on batches; with --cutmix-alpha one of the "
+                        "two per batch")
+    g.add_argument("--cutmix-alpha", type=float, default=0.0, help="CutMix Beta(alpha, alpha)")
+    g.add_argument("--auto-augment", choices=["ta_wide", "ra", "imagenet"], default=None,
+                   help="TrivialAugmentWide, RandAugment or AutoAugment (ImageNet policy)")
+    g.add_argument("--random-erase", type=float, default=0.0, metavar="P",
+                   help="RandomErasing probability")
+    g.add_argument("--norm-weight-decay", type=float, default=None,
+                   help="weight decay of normalisation layers (default: --weight-decay)")
+    g.add_argument("--bias-weight-decay", type=float, default=None,
+                   help="weight decay of biases (default: --weight-decay)")
+    g.add_argument("--train-crop-size", type=positive_int, default=None,
+                   help="training crop in pixels (default: --img-size, else 224)")
+    g.add_argument("--val-crop-size", type=positive_int, default=None,
+                   help="validation centre crop (default: the training crop)")
+    g.add_argument("--val-resize-size", type=positive_int, default=None,
+                   help="validation short side before the crop (default: crop / 0.875)")
+
+
+def resolve_recipe(args: argparse.Namespace) -> None:
+    """Fill the derived sizes in `args` (the log header records the resolved values) and
+    refuse combinations that cannot work.
+
+    Raises:
+        ConfigError (a ValueError): --fast-decode with an augmentation it does not do.
+    """
+    args.train_crop_size = args.train_crop_size or args.img_size or 224
+    args.val_crop_size = args.val_crop_size or args.train_crop_size
+    Preprocessing(args.val_crop_size, args.val_resize_size)  # checks the sizes
+    if args.fast_decode and (args.auto_augment or args.random_erase):
+        raise ConfigError("--fast-decode does the default recipe's crop and flip only; drop "
+                          "it to use --auto-augment / --random-erase")
 
 
 class NonFiniteLoss(ResNeXtError, RuntimeError):
@@ -153,18 +207,23 @@ def plain(value):
 
 # --- data ------------------------------------------------------------------------------------
 
-def build_datasets(root: Path, img_size: int, fast_decode: bool = False):
+def build_datasets(root: Path, img_size: int, fast_decode: bool = False,
+                   preprocessing: Preprocessing | None = None, auto_augment: str | None = None,
+                   random_erase: float = 0.0):
     """train/val datasets from class folders, or meta/train.txt + meta/val.txt if present.
 
-    Returns (train dataset, val dataset, class names, validation Preprocessing)."""
+    img_size is the training crop; preprocessing the validation one (default: crop img_size,
+    resize img_size / 0.875). Returns (train dataset, val dataset, class names, validation
+    Preprocessing)."""
     ann_train, ann_val = root / "meta" / "train.txt", root / "meta" / "val.txt"
     # FastTrainTransform decodes from the path itself and hands over uint8 crops, which
     # train_one_epoch normalises on the device; the reference decodes with load_image and
     # normalises in the worker, as torchvision does. Validation crops are uint8 either way
     # (InferenceModel normalises them, bitwise as evaluate.py does).
-    train_tf, train_loader = ((FastTrainTransform(img_size, normalize=False), str)
-                              if fast_decode else (train_transform(img_size), load_image))
-    preprocessing = Preprocessing(crop_size=img_size)
+    train_tf, train_loader = (
+        (FastTrainTransform(img_size, normalize=False), str) if fast_decode else
+        (train_transform(img_size, auto_augment, random_erase), load_image))
+    preprocessing = preprocessing or Preprocessing(crop_size=img_size)
     val_tf = preprocessing.transform(normalize=False)
     if ann_train.is_file() and ann_val.is_file():
         train_ds = build_dataset(root / "train", ann_train, train_tf, loader=train_loader)
@@ -212,7 +271,8 @@ def build_train_loader(dataset, args, rank: int, world_size: int, pin_memory: bo
                                 seed=args.seed, drop_last=True)
     sampler = EpochTaggedSampler(shards)
     # uint8 crops with --fast-decode, else float32 (4 bytes a value) from the reference path
-    crop_bytes = 3 * (args.img_size or 224) ** 2 * (1 if args.fast_decode else 4)
+    crop_bytes = 3 * (args.train_crop_size or args.img_size or 224) ** 2 * (
+        1 if args.fast_decode else 4)
     workers, prefetch, note = fit_loader_to_shared_memory(args.workers, 4,
                                                           args.batch_size * crop_bytes)
     if note and rank == 0:
@@ -233,8 +293,11 @@ def build_train_loader(dataset, args, rank: int, world_size: int, pin_memory: bo
 
 def train_one_epoch(model, loader, optimizer, scaler, criterion, epoch: int, steps: int,
                     args, device: torch.device, amp: torch.dtype | None, world_size: int,
-                    log, is_main: bool) -> dict:
+                    log, is_main: bool, mixer: BatchMixer | None = None,
+                    rank: int = 0) -> dict:
     """One pass over `loader`: `steps` optimizer steps of `args.accum_steps` micro-batches.
+    With a mixer (MixUp/CutMix), the loss is taken on its soft targets and the top-k on the
+    batch's own labels.
 
     The loss, the top-k hits and a non-finite counter stay on the device; they are read on
     the host once per `--log-interval` steps (one synchronisation), where a NaN/inf loss on
@@ -263,13 +326,17 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, epoch: int, ste
                 images = images.contiguous(memory_format=torch.channels_last)
             if images.dtype == torch.uint8:
                 images = normalize(images)
+            targets = labels
+            if mixer is not None:
+                images, targets = mixer(images, labels, epoch,
+                                        step * args.accum_steps + micro, rank)
             # Skip DDP's gradient all-reduce on micro-batches that do not step.
             last_micro = micro == args.accum_steps - 1
             sync = model.no_sync() if world_size > 1 and not last_micro else nullcontext()
             with sync:
                 with autocast(device, amp):
                     logits = model(images)
-                loss = criterion(logits.float(), labels)
+                loss = criterion(logits.float(), targets)
                 scaler.scale(loss / args.accum_steps).backward()
             with torch.no_grad():
                 num_classes = logits.shape[1]
@@ -391,9 +458,11 @@ class JsonLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def prepare_work_dir(args, work_dir: Path, is_main: bool) -> str | None:
+def prepare_work_dir(args, work_dir: Path, is_main: bool, world_size: int = 1) -> str | None:
     """Create the work dir, remove a temporary file a killed save left, and return the
-    checkpoint to resume from (--resume auto: last.pth when there is one).
+    checkpoint to resume from (--resume auto: last.pth when there is one). Rank 0 decides
+    and every rank takes its answer: with node-local work dirs, ranks could see different
+    files and one node would resume while another starts fresh.
 
     Raises:
         CheckpointNotFoundError (a FileNotFoundError): an explicit --resume path does not
@@ -408,9 +477,14 @@ def prepare_work_dir(args, work_dir: Path, is_main: bool) -> str | None:
         check_output_path(work_dir / "last.pth")
         for stale in work_dir.glob(".*.pth.*.tmp"):
             stale.unlink()
-    if args.resume == "auto":
-        return str(work_dir / "last.pth") if (work_dir / "last.pth").is_file() else None
-    return args.resume
+    resume = args.resume
+    if resume == "auto":
+        resume = str(work_dir / "last.pth") if (work_dir / "last.pth").is_file() else None
+    if world_size > 1:
+        decision = [resume]
+        dist.broadcast_object_list(decision, src=0)
+        resume = decision[0]
+    return resume
 
 
 def configure(args) -> None:
@@ -454,17 +528,26 @@ def build_optimizer(args, raw_model, total_batch: int, amp, device: torch.device
                     fused: bool | None = None):
     """SGD on all parameters (BN and biases included, as mmpretrain's imagenet_bs256), lr x
     gamma at each milestone epoch, and a GradScaler enabled for fp16 autocast. With
-    --auto-scale-lr the lr is scaled by total_batch / 256 (mmpretrain auto_scale_lr).
+    --auto-scale-lr the lr is scaled by total_batch / 256 (mmpretrain auto_scale_lr). The
+    recipe options (--optimizer, --lr-scheduler, warmup, --norm/--bias-weight-decay) swap
+    in resnext.recipes' parts.
 
     fused: the fused SGD kernel; None: on CUDA only. It takes the GradScaler's inf check on
     the device, where the unfused step reads it on the host after every step. Both give the
     same weights to a few ulps (tested on CPU, where torch has the fused kernel too)."""
     lr = args.lr * total_batch / 256 if args.auto_scale_lr else args.lr
     fused = device.type == "cuda" if fused is None else fused
-    optimizer = torch.optim.SGD(raw_model.parameters(), lr=lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay,
-                                **({"fused": True} if fused else {}))
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, args.gamma)
+    option = vars(args).get  # recipe options absent (a hand-made args): the default recipe
+    norm_wd, bias_wd = option("norm_weight_decay"), option("bias_weight_decay")
+    params = (raw_model.parameters() if norm_wd is None and bias_wd is None else
+              parameter_groups(raw_model, args.weight_decay, norm_wd, bias_wd))
+    optimizer = recipes.build_optimizer(option("optimizer") or "sgd", params, lr,
+                                        args.momentum, args.weight_decay, fused)
+    scheduler = recipes.build_scheduler(optimizer, option("lr_scheduler") or "step",
+                                        args.epochs, args.milestones, args.gamma,
+                                        option("warmup_epochs") or 0,
+                                        option("warmup_lr_factor") or 0.01,
+                                        option("min_lr") or 0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     return optimizer, scheduler, scaler
 
@@ -493,7 +576,8 @@ def announce(args, log, is_main: bool, **facts) -> None:
               f"{facts['total_batch']}, lr {facts['lr']:g}{scaled}; {facts['amp']} on "
               f"{facts['device']}")
         decays = [m for m in args.milestones if facts["start_epoch"] < m < args.epochs]
-        if args.milestones and not decays and facts["start_epoch"] < args.epochs:
+        if (args.lr_scheduler == "step" and args.milestones and not decays
+                and facts["start_epoch"] < args.epochs):
             print(f"note: no lr milestone ({', '.join(map(str, args.milestones))}) falls "
                   f"before epoch {args.epochs}: the lr stays {facts['lr']:g} for the whole "
                   f"run (e.g. --milestones {max(1, args.epochs * 3 // 10)} "
@@ -535,19 +619,18 @@ def main(args: argparse.Namespace) -> dict:
     configure(args)
     amp = resolve_amp(args.amp, device)
     args.model = args.model or "resnext50_32x4d"
+    resolve_recipe(args)
     work_dir = Path(args.work_dir or Path("work_dirs") / args.model)
     log = JsonLog(work_dir / "log.jsonl", enabled=is_main)
 
     try:
-        resume = prepare_work_dir(args, work_dir, is_main)
-        if world_size > 1:  # rank 0 decides: with node-local work dirs, ranks could disagree
-            decision = [resume]
-            dist.broadcast_object_list(decision, src=0)
-            resume = decision[0]
+        resume = prepare_work_dir(args, work_dir, is_main, world_size)
 
         # --- data --------------------------------------------------------------------------
         train_ds, val_ds, classes, preprocessing = build_datasets(
-            Path(args.data), args.img_size or 224, args.fast_decode)
+            Path(args.data), args.train_crop_size, args.fast_decode,
+            Preprocessing(args.val_crop_size, args.val_resize_size), args.auto_augment,
+            args.random_erase)
         empty = getattr(train_ds, "empty_classes", [])
         if empty and is_main:  # a class without training images still gets its output
             print(f"train.py: warning: {len(empty)} class folders hold no training images: "
@@ -565,7 +648,9 @@ def main(args: argparse.Namespace) -> dict:
         total_batch = args.batch_size * world_size * args.accum_steps
         optimizer, scheduler, scaler = build_optimizer(args, raw_model, total_batch, amp,
                                                        device)
-        criterion = torch.nn.CrossEntropyLoss()
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+        mixer = (BatchMixer(len(classes), args.mixup_alpha, args.cutmix_alpha, args.seed)
+                 if args.mixup_alpha > 0 or args.cutmix_alpha > 0 else None)
 
         # --- resume ------------------------------------------------------------------------
         start_epoch, best_top1, best_epoch = 0, -1.0, None
@@ -587,7 +672,7 @@ def main(args: argparse.Namespace) -> dict:
             record = {"type": "epoch", "epoch": epoch + 1}
             record.update(train_one_epoch(model, train_loader, optimizer, scaler, criterion,
                                           epoch, steps_per_epoch, args, device, amp,
-                                          world_size, log, is_main))
+                                          world_size, log, is_main, mixer, rank))
             record["images_per_s"] = record["train_images"] / (time.perf_counter() - epoch_start)
             record["lr"] = optimizer.param_groups[0]["lr"]
             scheduler.step()

@@ -220,18 +220,43 @@ def eval_transform(img_size: int = 224, resize_size: int | None = None) -> EvalT
     return Preprocessing(img_size, resize_size).transform()
 
 
-def train_transform(img_size: int = 224) -> Callable:
-    """Training augmentation (mmpretrain imagenet_bs32_pil_resize train pipeline): PIL RGB
-    image -> (3, img_size, img_size) float32 normalised tensor, random crop and flip."""
+def train_transform(img_size: int = 224, auto_augment: str | None = None,
+                    random_erase: float = 0.0) -> Callable:
+    """Training augmentation: PIL RGB image -> (3, img_size, img_size) float32 normalised
+    tensor.
+
+    Default: mmpretrain's imagenet_bs32_pil_resize train pipeline, RandomResizedCrop
+    (area 0.08-1, ratio 3/4-4/3, bilinear) and a horizontal flip. The options add what
+    torchvision's ClassificationPresetTrain adds, in its order: after the flip one
+    auto-augment policy, after normalising RandomErasing.
+
+    Args:
+        img_size: crop side in pixels.
+        auto_augment: None; 'ta_wide' (TrivialAugmentWide), 'ra' (RandAugment: 2 ops,
+            magnitude 9) or 'imagenet' (AutoAugment's ImageNet policy), bilinear.
+        random_erase: probability of RandomErasing (torchvision's default area and ratio).
+    Raises:
+        ConfigError (a ValueError): an unknown auto_augment.
+    """
     from torchvision import transforms as T  # only training needs torchvision's transforms
 
-    return T.Compose([
-        T.RandomResizedCrop(img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                            interpolation=T.InterpolationMode.BILINEAR),
-        T.RandomHorizontalFlip(0.5),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    bilinear = T.InterpolationMode.BILINEAR
+    steps = [T.RandomResizedCrop(img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                                 interpolation=bilinear),
+             T.RandomHorizontalFlip(0.5)]
+    policies = {"ta_wide": lambda: T.TrivialAugmentWide(interpolation=bilinear),
+                "ra": lambda: T.RandAugment(interpolation=bilinear),
+                "imagenet": lambda: T.AutoAugment(T.AutoAugmentPolicy.IMAGENET,
+                                                  interpolation=bilinear)}
+    if auto_augment is not None:
+        if auto_augment not in policies:
+            raise ConfigError(f"auto-augment must be one of {sorted(policies)}, got "
+                              f"{auto_augment!r}")
+        steps.append(policies[auto_augment]())
+    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if random_erase > 0:
+        steps.append(T.RandomErasing(p=random_erase))
+    return T.Compose(steps)
 
 
 # EXIF orientation -> the tensor operation of Pillow's ImageOps.exif_transpose on (C, H, W)

@@ -433,3 +433,83 @@ def test_scripts_end_in_a_container_sized_shared_memory(script, ants_bees_checkp
         assert len(lines) == count_files(val)  # every image answered
     else:
         assert json.loads(lines[-1])["num_images"] == count_files(val)
+
+
+def _resume_decision(rank, init_file, work_dirs, results):
+    import torch.distributed as dist
+    sys.path.insert(0, str(REPO))
+    import train
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=2)
+    try:
+        args = train.get_args_parser().parse_args(["--data", "x", "--resume", "auto"])
+        from pathlib import Path
+        results[rank] = train.prepare_work_dir(args, Path(work_dirs[rank]), rank == 0, 2)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_resume_auto_is_decided_by_rank_zero(tmp_path):
+    import torch.multiprocessing as mp
+    # Node-local work dirs: rank 0's holds last.pth, rank 1's (another node's disk) does not.
+    work_dirs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    (tmp_path / "node0").mkdir()
+    (tmp_path / "node0" / "last.pth").write_bytes(b"x")
+    results = mp.Manager().dict()
+    mp.spawn(_resume_decision, args=(str(tmp_path / "init"), work_dirs, results), nprocs=2)
+    assert dict(results) == {0: str(tmp_path / "node0" / "last.pth"),
+                             1: str(tmp_path / "node0" / "last.pth")}
+
+
+def test_per_image_predictions_copy_each_batch_once():
+    # Every int()/float() of a device tensor is a host synchronisation (aten's
+    # _local_scalar_dense); per-image results must come from one copy per batch.
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.data import DataLoader, TensorDataset
+    from resnext.evaluation import evaluate
+
+    class CountSyncs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountSyncs.count += 1
+            return func(*args, **(kwargs or {}))
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 7)).eval()
+    model = resnext.InferenceModel(net, torch.device("cpu"), channels_last=False,
+                                   num_classes=7)
+    images, labels = torch.randn(24, 3, 4, 4), torch.randint(0, 7, (24,))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8)
+    with CountSyncs():
+        result = evaluate(model, loader, return_predictions=True)
+    assert CountSyncs.count <= 2 * 3  # a couple per batch at most; it was 4 per image
+    with torch.no_grad():
+        logits = net(images)
+    expected = logits.softmax(1).topk(5, dim=1)
+    assert [p["topk"] for p in result["predictions"]] == expected.indices.tolist()
+    assert [p["pred_score"] for p in result["predictions"]] == pytest.approx(
+        expected.values[:, 0].tolist())
+    assert [p["label"] for p in result["predictions"]] == labels.tolist()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_predict_ends_quietly_with_130(ants_bees_checkpoint):
+    import signal
+    import time
+    from conftest import HYMENOPTERA
+    proc = subprocess.Popen([sys.executable, "predict.py", str(HYMENOPTERA), "--checkpoint",
+                             str(ants_bees_checkpoint), "--workers", "1", "--batch-size", "2",
+                             "--img-size", "224"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)
+    first = proc.stdout.readline()  # an answer has been printed: the run is under way
+    assert first.strip()
+    time.sleep(0.5)
+    __import__("os").killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "predict.py: interrupted"

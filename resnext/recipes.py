@@ -1,0 +1,148 @@
+"""Training-recipe parts beside mmpretrain's: parameter groups with their own weight decay,
+SGD or AdamW, a cosine schedule with linear warmup, and batch mixing (MixUp / CutMix), each
+built from torch and torchvision as torchvision's references/classification does.
+
+The default recipe (mmpretrain configs/_base_/schedules/imagenet_bs256.py) uses none of this:
+SGD on all parameters with one weight decay and lr x0.1 at epochs 30/60/90; train.py builds
+it exactly as before when no option here is given.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .datasets import sample_seed
+from .errors import ConfigError
+
+__all__ = ["NORM_CLASSES", "parameter_groups", "build_optimizer", "build_scheduler",
+           "BatchMixer"]
+
+# Module types whose parameters count as normalisation (torchvision references'
+# utils.set_weight_decay default).
+NORM_CLASSES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+                nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float,
+                     norm_weight_decay: float | None = None,
+                     bias_weight_decay: float | None = None) -> list[dict]:
+    """Optimizer parameter groups with their own weight decay (torchvision's rule).
+
+    Biases (parameters named `bias`) get `bias_weight_decay` when given; other parameters of
+    normalisation modules (NORM_CLASSES, found by module type) get `norm_weight_decay` when
+    given; everything else gets `weight_decay`. Frozen parameters (requires_grad False) are
+    left out. With neither option, one group holds every trainable parameter.
+
+    Args:
+        model: the model (unwrapped).
+        weight_decay, norm_weight_decay, bias_weight_decay: L2 factors.
+    Returns:
+        [{'params': [...], 'weight_decay': w, 'name': 'other' | 'norm' | 'bias'}, ...], the
+        non-empty groups in that order.
+    """
+    groups: dict[str, list[nn.Parameter]] = {"other": [], "norm": [], "bias": []}
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            if bias_weight_decay is not None and name == "bias":
+                groups["bias"].append(param)
+            elif norm_weight_decay is not None and isinstance(module, NORM_CLASSES):
+                groups["norm"].append(param)
+            else:
+                groups["other"].append(param)
+    decay = {"other": weight_decay, "norm": norm_weight_decay, "bias": bias_weight_decay}
+    return [{"params": params, "weight_decay": decay[key], "name": key}
+            for key, params in groups.items() if params]
+
+
+def build_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """SGD with momentum (mmpretrain's and torchvision's ResNet recipes) or AdamW.
+
+    Args:
+        name: 'sgd' or 'adamw'.
+        params: parameters or parameter groups (parameter_groups); a group's own
+            weight_decay wins over `weight_decay`.
+        lr: learning rate (for the run's total batch); momentum: SGD only.
+        fused: the fused kernel (CUDA; also on CPU in recent torch).
+    Raises:
+        ConfigError (a ValueError): an unknown name.
+    """
+    extra = {"fused": True} if fused else {}
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               **extra)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **extra)
+    raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int,
+                    milestones: Sequence[int] = (30, 60, 90), gamma: float = 0.1,
+                    warmup_epochs: int = 0, warmup_lr_factor: float = 0.01,
+                    min_lr: float = 0.0):
+    """The lr schedule, stepped once per epoch (after it), as torchvision's reference does.
+
+    'step': lr x gamma at each milestone epoch (MultiStepLR; mmpretrain's imagenet_bs256).
+    'cosine': cosine annealing from the base lr to min_lr over the epochs after warmup
+    (CosineAnnealingLR, T_max = epochs - warmup_epochs). Either can start with a linear
+    warmup from base lr x warmup_lr_factor to the base lr over warmup_epochs (LinearLR, then
+    SequentialLR): epoch e < warmup_epochs runs at lr x (f + (1 - f) x e / warmup_epochs).
+    Milestones stay absolute epochs with a warmup.
+
+    Raises:
+        ConfigError (a ValueError): an unknown kind, or warmup not shorter than the run.
+    """
+    if kind not in ("step", "cosine"):
+        raise ConfigError(f"lr scheduler must be 'step' or 'cosine', got {kind!r}")
+    if warmup_epochs and warmup_epochs >= epochs:
+        raise ConfigError(f"--warmup-epochs {warmup_epochs} must be below --epochs {epochs}")
+    sched = torch.optim.lr_scheduler
+    if kind == "step":
+        shifted = [m - warmup_epochs for m in milestones]
+        main = sched.MultiStepLR(optimizer, shifted if warmup_epochs else list(milestones),
+                                 gamma)
+    else:
+        main = sched.CosineAnnealingLR(optimizer, T_max=epochs - warmup_epochs, eta_min=min_lr)
+    if not warmup_epochs:
+        return main
+    warmup = sched.LinearLR(optimizer, start_factor=warmup_lr_factor, total_iters=warmup_epochs)
+    return sched.SequentialLR(optimizer, [warmup, main], milestones=[warmup_epochs])
+
+
+class BatchMixer:
+    """MixUp and/or CutMix on whole batches (torchvision.transforms.v2), one of the two
+    chosen per batch with equal chance when both are on (torchvision's reference).
+
+    Runs in the training loop, after the batch reached the device, with torch's RNG seeded
+    from (seed, epoch, batch index, rank): the mixing is the same whatever the number of
+    loader workers and after a resume.
+
+    Args:
+        num_classes: classifier outputs (the targets become (N, num_classes) float).
+        mixup_alpha, cutmix_alpha: Beta(alpha, alpha) parameters; 0 turns one off.
+        seed: the run's --seed.
+    Call: (images (N, 3, H, W) float, labels (N,) int64, epoch, batch index, rank) ->
+        (mixed images, soft targets (N, num_classes) float32, rows summing to 1).
+    """
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                 seed: int = 0):
+        from torchvision.transforms import v2  # training only
+        choices = []
+        if mixup_alpha > 0:
+            choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+        if cutmix_alpha > 0:
+            choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        if not choices:
+            raise ConfigError("BatchMixer needs mixup_alpha > 0 or cutmix_alpha > 0")
+        self.mix: Callable = choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+        self.seed = seed
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, index: int,
+                 rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(sample_seed(self.seed, epoch, index * 4096 + rank))
+        return self.mix(images, labels)
