@@ -4,13 +4,16 @@
     python evaluate.py --data /data/imagenet/val --checkpoint work_dirs/rx50/best.pth
     python evaluate.py --data /data/imagenet/val --ann-file /data/imagenet/meta/val.txt
     torchrun --standalone --nproc_per_node=8 evaluate.py --data /data/imagenet/val --checkpoint ...
+    python evaluate.py --data /data/imagenet/val --checkpoint ... --report work_dirs/rx50/report
 
 Layouts: class folders (wnid folders map to ImageNet indices; a train.py model's own class
 names are matched by name), or a folder plus an mmpretrain annotation file (`path label`).
 Preprocessing is the weights' own (train.py stores it in the checkpoint; else resize 256,
 centre crop 224, the released models'). Each image is counted
 exactly once, also under torchrun, and only rank 0 prints. The evaluation itself
-(resnext.evaluation.evaluate) is what train.py validates with.
+(resnext.evaluation.evaluate) is what train.py validates with. --report DIR adds per-class
+precision/recall/F1, the confusion matrix and the top confusions (resnext.report): a table on
+stdout, DIR/report.json and DIR/confusion.csv.
 Exit status: 0, 1 when an image cannot be read, 2 for a usage or setup error, 130 on Ctrl-C.
 """
 from __future__ import annotations
@@ -25,10 +28,11 @@ from resnext.cli import (HelpFormatter, add_common_args, check_output_path, prin
                          printable, run_cli)
 from resnext.datasets import build_dataset
 from resnext.distributed import cleanup_distributed, init_distributed
-from resnext.errors import DatasetError
+from resnext.errors import ConfigError, DatasetError
 from resnext.evaluation import build_loader, describe_mapping, evaluate, format_accuracy
 from resnext.images import set_max_image_pixels
 from resnext.inference import load_for_inference
+from resnext.report import build_report, format_report, write_report
 from resnext.runtime import select_kernels
 
 
@@ -50,16 +54,52 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "stdout (or write it to PATH); with k < 5 classes the key is top{k}")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="write per-image predictions (JSON list) here")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="write per-class precision/recall/F1 and the confusion matrix to "
+                        "DIR/report.json and DIR/confusion.csv, and print the table")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (bitwise-reproducible runs, slower on GPU)")
     add_common_args(p)
     return p
 
 
+def _print_and_write(args: argparse.Namespace, result: dict, seconds: float, info, model,
+                     dataset) -> None:
+    """Rank 0's output: the accuracy line, --json, --out and --report."""
+    k = result["k"]
+    summary = {"top1": result["top1"], f"top{k}": result[f"top{k}"], "k": k,
+               "num_images": result["num_images"], "model": args.model or model.arch_name,
+               "checkpoint": args.checkpoint or "released"}
+    text_out = sys.stderr if args.json == "-" else sys.stdout  # stdout is the JSON's
+    print(f"{format_accuracy(result)}  images: {result['num_images']}  "
+          f"({result['num_images'] / seconds:.1f} images/s on {info.world_size} x "
+          f"{info.device.type})", file=text_out)
+    if args.json == "-":
+        print(json.dumps(summary))
+    elif args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    if args.out:
+        names = model.class_names
+        for p in result["predictions"]:
+            p["path"] = dataset.samples[p["index"]][0]
+            if names:
+                p["pred_class"] = names[p["pred_label"]]
+        Path(args.out).write_text(json.dumps(result["predictions"], indent=1) + "\n")
+    if args.report:
+        report = build_report(result, dataset, model.class_names)
+        write_report(report, args.report)
+        print(format_report(report, args.report), file=text_out)
+
+
 def main(args: argparse.Namespace) -> dict:
     if args.max_image_pixels is not None:
         set_max_image_pixels(args.max_image_pixels)
-    for path in (args.out, None if args.json in (None, "-") else args.json):
+    outputs = [args.out, None if args.json in (None, "-") else args.json]
+    if args.report:
+        if Path(args.report).exists() and not Path(args.report).is_dir():
+            raise ConfigError(f"{args.report}: --report needs a folder, and this is a file")
+        outputs += [Path(args.report) / "report.json", Path(args.report) / "confusion.csv"]
+    for path in outputs:
         if path:
             check_output_path(path)  # before the work, not after it
     info = init_distributed(args.device)
@@ -91,28 +131,10 @@ def main(args: argparse.Namespace) -> dict:
                               sample_bytes=3 * model.preprocessing.crop_size ** 2)
         start = time.perf_counter()
         result = evaluate(model, loader, progress=info.is_main,
-                          return_predictions=bool(args.out))
+                          return_predictions=bool(args.out), confusion=bool(args.report))
         seconds = time.perf_counter() - start
         if info.is_main:
-            k = result["k"]
-            summary = {"top1": result["top1"], f"top{k}": result[f"top{k}"], "k": k,
-                       "num_images": result["num_images"],
-                       "model": args.model or model.arch_name,
-                       "checkpoint": args.checkpoint or "released"}
-            print(f"{format_accuracy(result)}  images: {result['num_images']}  "
-                  f"({result['num_images'] / seconds:.1f} images/s on {info.world_size} x "
-                  f"{info.device.type})", file=sys.stderr if args.json == "-" else sys.stdout)
-            if args.json == "-":
-                print(json.dumps(summary))
-            elif args.json:
-                Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-            if args.out:
-                names = model.class_names
-                for p in result["predictions"]:
-                    p["path"] = dataset.samples[p["index"]][0]
-                    if names:
-                        p["pred_class"] = names[p["pred_label"]]
-                Path(args.out).write_text(json.dumps(result["predictions"], indent=1) + "\n")
+            _print_and_write(args, result, seconds, info, model, dataset)
         return result
     finally:
         cleanup_distributed()

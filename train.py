@@ -38,7 +38,8 @@ from resnext.checkpoint import read_checkpoint, save_checkpoint
 from resnext.classes import imagenet_class_names
 from resnext.cli import (EXIT_FAILED, HelpFormatter, add_common_args, check_output_path,
                          positive_int, printable, run_cli)
-from resnext.datasets import EpochTaggedSampler, SeededAugmentation, build_dataset
+from resnext.datasets import (BalancedDistributedSampler, EpochTaggedSampler,
+                              SeededAugmentation, build_dataset)
 from resnext.distributed import cleanup_distributed, init_distributed
 from resnext import recipes
 from resnext.errors import CheckpointNotFoundError, ConfigError, DatasetError, ResNeXtError
@@ -49,7 +50,7 @@ from resnext.recipes import BatchMixer, parameter_groups
 from resnext.runtime import (amp_name, autocast, fit_loader_to_shared_memory, maybe_compile,
                              resolve_amp, select_kernels)
 from resnext.transforms import FastTrainTransform, Normalize, Preprocessing, train_transform
-from resnext.weights import get_model, load_weights
+from resnext.weights import RELEASED_WEIGHTS, get_model, load_weights
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -137,6 +138,20 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="validation centre crop (default: the training crop)")
     g.add_argument("--val-resize-size", type=positive_int, default=None,
                    help="validation short side before the crop (default: crop / 0.875)")
+    f = p.add_argument_group("fine-tuning")
+    f.add_argument("--pretrained", action="store_true",
+                   help="start from the released weights of --model (the head is reset when "
+                        "the class count differs); --load-from FILE for any other weights")
+    f.add_argument("--frozen-stages", type=int, default=-1, choices=range(-1, 5),
+                   metavar="N", help="mmpretrain's meaning: -1 none, 0 the stem, k the stem "
+                   "and stages 1..k (no gradients, BatchNorm kept in eval)")
+    f.add_argument("--head-lr-mult", type=float, default=1.0,
+                   help="the classifier's lr is lr x this")
+    f.add_argument("--backbone-lr-mult", type=float, default=1.0,
+                   help="the backbone's lr is lr x this")
+    f.add_argument("--class-balance", choices=["sampler", "loss"], default=None,
+                   help="imbalanced classes: draw classes uniformly (a weighted sampler, "
+                        "sharded across ranks) or weight the loss by inverse class frequency")
 
 
 def resolve_recipe(args: argparse.Namespace) -> None:
@@ -152,6 +167,15 @@ def resolve_recipe(args: argparse.Namespace) -> None:
     if args.fast_decode and (args.auto_augment or args.random_erase):
         raise ConfigError("--fast-decode does the default recipe's crop and flip only; drop "
                           "it to use --auto-augment / --random-erase")
+    if args.pretrained:
+        if args.load_from:
+            raise ConfigError("--pretrained and --load-from both give initial weights: pick one")
+        release = RELEASED_WEIGHTS.get(args.model)
+        if release is None:
+            raise ConfigError(f"--pretrained: {args.model} has no released weights (released: "
+                              f"{', '.join(sorted({r.factory for r in RELEASED_WEIGHTS.values()}))}"
+                              f"); use --load-from FILE")
+        args.load_from = release.url
 
 
 class NonFiniteLoss(ResNeXtError, RuntimeError):
@@ -267,8 +291,11 @@ def build_train_loader(dataset, args, rank: int, world_size: int, pin_memory: bo
     Each sample's augmentation is drawn from a generator seeded by (seed, epoch, sample
     index) (SeededAugmentation), so an epoch replays exactly on resume whatever the number
     of workers, and the workers need no reseeding between epochs."""
-    shards = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                seed=args.seed, drop_last=True)
+    if getattr(args, "class_balance", None) == "sampler":
+        shards = BalancedDistributedSampler(dataset.targets, world_size, rank, args.seed)
+    else:
+        shards = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                    seed=args.seed, drop_last=True)
     sampler = EpochTaggedSampler(shards)
     # uint8 crops with --fast-decode, else float32 (4 bytes a value) from the reference path
     crop_bytes = 3 * (args.train_crop_size or args.img_size or 224) ** 2 * (
@@ -502,7 +529,8 @@ def build_model(args, classes: list[str], device: torch.device, world_size: int,
     checkpoints store (no `module.` prefix). Initial weights: mmpretrain's init from --seed,
     the same on every rank, or --load-from (head reset when the class count differs)."""
     torch.manual_seed(args.seed)
-    model = get_model(args.model, num_classes=len(classes))
+    model = get_model(args.model, num_classes=len(classes),
+                      frozen_stages=getattr(args, "frozen_stages", -1))
     if args.load_from:
         ckpt = read_checkpoint(args.load_from)
         head = ckpt.state_dict.get("fc.weight")
@@ -539,8 +567,13 @@ def build_optimizer(args, raw_model, total_batch: int, amp, device: torch.device
     fused = device.type == "cuda" if fused is None else fused
     option = vars(args).get  # recipe options absent (a hand-made args): the default recipe
     norm_wd, bias_wd = option("norm_weight_decay"), option("bias_weight_decay")
+    mults = (option("head_lr_mult") or 1.0, option("backbone_lr_mult") or 1.0)
     params = (raw_model.parameters() if norm_wd is None and bias_wd is None else
               parameter_groups(raw_model, args.weight_decay, norm_wd, bias_wd))
+    if mults != (1.0, 1.0):
+        params = recipes.with_lr_multipliers(
+            parameter_groups(raw_model, args.weight_decay, norm_wd, bias_wd), raw_model, lr,
+            *mults)
     optimizer = recipes.build_optimizer(option("optimizer") or "sgd", params, lr,
                                         args.momentum, args.weight_decay, fused)
     scheduler = recipes.build_scheduler(optimizer, option("lr_scheduler") or "step",
@@ -575,6 +608,7 @@ def announce(args, log, is_main: bool, **facts) -> None:
               f"{args.batch_size} x {args.accum_steps} accum = total batch "
               f"{facts['total_batch']}, lr {facts['lr']:g}{scaled}; {facts['amp']} on "
               f"{facts['device']}")
+        print(fine_tuning_line(args, facts["groups"]))
         decays = [m for m in args.milestones if facts["start_epoch"] < m < args.epochs]
         if (args.lr_scheduler == "step" and args.milestones and not decays
                 and facts["start_epoch"] < args.epochs):
@@ -583,6 +617,18 @@ def announce(args, log, is_main: bool, **facts) -> None:
                   f"run (e.g. --milestones {max(1, args.epochs * 3 // 10)} "
                   f"{max(2, args.epochs * 6 // 10)} {max(3, args.epochs * 9 // 10)} scales "
                   f"the recipe's 30/60/90 of 100)")
+
+
+def fine_tuning_line(args, groups: list[dict]) -> str:
+    """What is frozen, how classes are balanced, and the lr of each parameter group."""
+    stages = args.frozen_stages
+    frozen = ("nothing frozen" if stages < 0 else "frozen: the stem" + (
+        f" and stages 1-{stages}" if stages > 1 else " and stage 1" if stages == 1 else "")
+        + " (no gradients, BatchNorm in eval)")
+    balance = f"; class balance: {args.class_balance}" if args.class_balance else ""
+    parts = ", ".join(f"{g['name']} lr {g['lr']:g} wd {g['weight_decay']:g} "
+                      f"({g['parameters']:,} parameters)" for g in groups)
+    return f"{frozen}{balance}; optimizer groups: {parts}"
 
 
 def epoch_line(record: dict, epochs: int) -> str:
@@ -648,7 +694,10 @@ def main(args: argparse.Namespace) -> dict:
         total_batch = args.batch_size * world_size * args.accum_steps
         optimizer, scheduler, scaler = build_optimizer(args, raw_model, total_batch, amp,
                                                        device)
-        criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+        class_weights = (recipes.inverse_frequency_weights(train_ds.targets, len(classes))
+                         .to(device) if args.class_balance == "loss" else None)
+        criterion = torch.nn.CrossEntropyLoss(weight=class_weights,
+                                              label_smoothing=args.label_smoothing)
         mixer = (BatchMixer(len(classes), args.mixup_alpha, args.cutmix_alpha, args.seed)
                  if args.mixup_alpha > 0 or args.cutmix_alpha > 0 else None)
 
@@ -662,7 +711,11 @@ def main(args: argparse.Namespace) -> dict:
         announce(args, log, is_main, world_size=world_size, total_batch=total_batch,
                  lr=optimizer.param_groups[0]["lr"], amp=amp_name(amp), start_epoch=start_epoch,
                  torch=str(torch.__version__), device=str(device), num_train=len(train_ds),
-                 num_val=len(val_ds), classes=len(classes), resumed=bool(resume))
+                 num_val=len(val_ds), classes=len(classes), resumed=bool(resume),
+                 groups=[{"name": g.get("name", "all"), "lr": g["lr"],
+                          "weight_decay": g["weight_decay"],
+                          "parameters": sum(p.numel() for p in g["params"] if p.requires_grad)}
+                         for g in optimizer.param_groups])
 
         # --- epoch loop --------------------------------------------------------------------
         result = {}

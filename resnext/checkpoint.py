@@ -133,8 +133,8 @@ def convert_state_dict(raw: Any, source: str = "checkpoint") -> tuple[dict[str, 
     """Find the state dict in a loaded checkpoint and rename its keys to ours.
 
     Pure function: unwraps {'state_dict': ...} / {'model': ...}, strips `module.` and
-    `_orig_mod.` prefixes (any number) and an InferenceModel's `net.`, maps the OpenMMLab layout (`backbone.X` -> `X`,
-    `head.fc.X` -> `fc.X`). torchvision's and timm's keys are already ours. An EMA copy is
+    `_orig_mod.` prefixes (any number) and an InferenceModel's `net.`, maps the OpenMMLab
+    layout (`backbone.X` -> `X`, `head.fc.X` -> `fc.X`). torchvision's and timm's keys are already ours. An EMA copy is
     skipped and named in the format: mmcls 0.x `ema_<key with _ for .>` entries that shadow
     the main keys, or mmengine's top-level `ema_state_dict`; both EMA hooks swap the averaged
     weights into the main keys before saving, so the main keys are what the run evaluated.

@@ -19,7 +19,7 @@ from .images import _class_folders, list_class_folders, load_image
 
 __all__ = ["ClassFolderDataset", "AnnotationFileDataset", "UnpaddedDistributedSampler",
            "folder_class_mapping", "build_dataset", "SeededAugmentation", "EpochTaggedSampler",
-           "sample_seed"]
+           "sample_seed", "BalancedDistributedSampler"]
 
 
 class _LabelledImages(Dataset):
@@ -303,3 +303,43 @@ class EpochTaggedSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+
+class BalancedDistributedSampler(Sampler[int]):
+    """Class-balanced sampling with replacement, sharded across ranks: each draw picks a
+    class uniformly (sample weight 1 / its class's count), then one of its images.
+
+    Each epoch draws `num_samples` indices (the dataset size, rounded up to a multiple of the
+    ranks) from a generator seeded by (seed, epoch), the same on every rank; rank r takes
+    draws r, r + W, r + 2W, ...: the shards are disjoint parts of one draw, as
+    DistributedSampler's are of one permutation.
+
+    Args:
+        targets: the label of every sample (dataset.targets).
+        num_replicas, rank: the process group's size and this rank.
+        seed: the run's --seed.
+    Raises:
+        DatasetError (a ValueError): no samples.
+    """
+
+    def __init__(self, targets: Sequence[int], num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0):
+        if not targets:
+            raise DatasetError("class-balanced sampling needs at least one training image")
+        labels = torch.as_tensor(list(targets))
+        counts = torch.bincount(labels).double()
+        self.weights = (1.0 / counts)[labels]  # (N,) float64
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.per_rank = -(-len(labels) // num_replicas)  # ceil
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0))
+        drawn = torch.multinomial(self.weights, self.per_rank * self.num_replicas,
+                                  replacement=True, generator=generator)
+        return iter(drawn[self.rank::self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank

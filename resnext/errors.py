@@ -7,8 +7,9 @@ bad values and files, FileNotFoundError for a missing file, RuntimeError for a f
 """
 from __future__ import annotations
 
-__all__ = ["ResNeXtError", "ImageReadError", "CheckpointError", "CheckpointNotFoundError", "CheckpointWriteError",
-           "DownloadError", "DatasetError", "ConfigError", "ResNeXtWarning"]
+__all__ = ["ResNeXtError", "ImageReadError", "CheckpointError", "CheckpointNotFoundError",
+           "CheckpointWriteError", "DownloadError", "DatasetError", "ConfigError",
+           "ResNeXtWarning"]
 
 
 class ResNeXtError(Exception):

@@ -1,5 +1,6 @@
 """Evaluation shared by evaluate.py, train.py's validation and the benchmark: top-1/top-k
-over a loader, exact under torchrun (every image counted once, counts all-reduced)."""
+(and on request the confusion matrix) over a loader, exact under torchrun (every image counted
+once, counts all-reduced)."""
 from __future__ import annotations
 
 import warnings
@@ -28,8 +29,27 @@ def count_topk(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tens
     Returns:
         (2,) float64 tensor [correct@1, correct@k].
     """
-    hits = logits.topk(k, dim=1).indices == labels[:, None]  # (N, k)
+    return _count_hits(logits.topk(k, dim=1).indices, labels)
+
+
+def _count_hits(top: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N, k) int64 top-k class indices and (N,) labels -> (2,) float64 [correct@1, @k]."""
+    hits = top == labels[:, None]  # (N, k)
     return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).double()
+
+
+def _count_confusion(confusion: torch.Tensor, labels: torch.Tensor,
+                     pred: torch.Tensor) -> None:
+    """Add a batch to a (C, C) int64 confusion matrix in place, on its device.
+
+    Args:
+        confusion: (C, C) int64, rows the true class, columns the predicted one.
+        labels, pred: (N,) int64 true and top-1 predicted classes, in 0..C-1.
+    """
+    c = confusion.shape[0]
+    # The counts of torch.bincount(labels * C + pred, minlength=C*C), without the two reads
+    # back to the host (its min and max) that CUDA's bincount makes every batch.
+    confusion.view(-1).index_add_(0, labels * c + pred, torch.ones_like(pred))
 
 
 def topk_for(num_classes: int) -> int:
@@ -40,11 +60,12 @@ def topk_for(num_classes: int) -> int:
 
 @torch.inference_mode()
 def evaluate(model: InferenceModel, loader: DataLoader, progress: bool = False,
-             return_predictions: bool = False) -> dict:
+             return_predictions: bool = False, confusion: bool = False) -> dict:
     """Top-1/top-k of `model` over `loader`, summed across processes when distributed.
 
     The loader must visit every image once over all ranks (UnpaddedDistributedSampler): the
-    counts are all-reduced, so the result equals a single-process run.
+    counts (and the confusion matrix) are all-reduced, so the result equals a single-process
+    run.
 
     Args:
         model: an InferenceModel (converts its input, runs autocast); put in eval mode.
@@ -52,14 +73,24 @@ def evaluate(model: InferenceModel, loader: DataLoader, progress: bool = False,
             labels).
         progress: show a tqdm bar (rank 0).
         return_predictions: also gather per-image results to every rank.
+        confusion: also count the confusion matrix of the top-1 predictions, on the device
+            (no host synchronisation per batch), for resnext.report.
     Returns:
         {'top1': %, 'top5': % (key 'top{k}' with k = min(5, classes)), 'k': k,
         'num_images': int, 'loss': mean cross-entropy} plus 'predictions' (sorted by dataset
-        index: index, label, pred_label, pred_score, topk) if asked.
+        index: index, label, pred_label, pred_score, topk) if asked, and with `confusion`
+        'confusion': a (C, C) int64 CPU tensor of image counts, C = model.num_classes, row
+        the true class, column the predicted one (its trace is correct@1).
+    Raises:
+        ValueError: `confusion` for a model without a classifier (num_classes unknown).
     """
     model.eval()
     device = model.device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@k, n, loss
+    if confusion and not model.num_classes:
+        raise ValueError("a confusion matrix needs a model with a classifier (num_classes)")
+    c = model.num_classes if confusion else 0
+    matrix = torch.zeros(c, c, dtype=torch.int64, device=device)  # (C, C), true x predicted
     indices = list(loader.sampler) if return_predictions else None
     predictions = []
     seen = 0
@@ -68,18 +99,25 @@ def evaluate(model: InferenceModel, loader: DataLoader, progress: bool = False,
         labels = labels.to(device, non_blocking=True)
         logits = model(images)
         k = topk_for(logits.shape[1])
-        sums[:2] += count_topk(logits, labels, k)
+        ranked = logits.topk(k, dim=1).indices  # (N, k); column 0 is the top-1 prediction
+        sums[:2] += _count_hits(ranked, labels)
+        if confusion:
+            _count_confusion(matrix, labels, ranked[:, 0])
         sums[2] += labels.numel()
         sums[3] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
         if return_predictions:  # one copy to the host per batch, not one per value
-            scores, top = logits.float().softmax(dim=1).topk(k, dim=1)
-            for j, (label, score, pred) in enumerate(zip(labels.tolist(), scores[:, 0].tolist(),
-                                                         top.tolist())):
+            # The same ranking as the counts above, so pred_label agrees with top-1 and the
+            # confusion matrix even where two scores tie.
+            scores = logits.float().softmax(dim=1).gather(1, ranked[:, :1])[:, 0]  # (N,)
+            for j, (label, score, pred) in enumerate(zip(labels.tolist(), scores.tolist(),
+                                                         ranked.tolist())):
                 predictions.append({"index": indices[seen + j], "label": label,
                                     "pred_label": pred[0], "pred_score": score, "topk": pred})
         seen += labels.numel()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
+        if confusion:
+            dist.all_reduce(matrix)
         if return_predictions:
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, predictions)
@@ -91,6 +129,8 @@ def evaluate(model: InferenceModel, loader: DataLoader, progress: bool = False,
               "num_images": int(n), "loss": loss / max(n, 1)}
     if return_predictions:
         result["predictions"] = sorted(predictions, key=lambda p: p["index"])
+    if confusion:
+        result["confusion"] = matrix.cpu()
     return result
 
 

@@ -17,7 +17,7 @@ from .datasets import sample_seed
 from .errors import ConfigError
 
 __all__ = ["NORM_CLASSES", "parameter_groups", "build_optimizer", "build_scheduler",
-           "BatchMixer"]
+           "BatchMixer", "with_lr_multipliers", "inverse_frequency_weights"]
 
 # Module types whose parameters count as normalisation (torchvision references'
 # utils.set_weight_decay default).
@@ -146,3 +146,41 @@ class BatchMixer:
                  rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         torch.manual_seed(sample_seed(self.seed, epoch, index * 4096 + rank))
         return self.mix(images, labels)
+
+
+def with_lr_multipliers(groups: list[dict], model: nn.Module, lr: float,
+                        head_lr_mult: float = 1.0, backbone_lr_mult: float = 1.0) -> list[dict]:
+    """Split parameter groups into classifier (`fc.*`) and backbone parts, each with its own
+    lr: lr x head_lr_mult for the head, lr x backbone_lr_mult for the rest (fine-tuning:
+    a fresh head learns faster than pretrained features). Schedules scale each group's lr.
+
+    Args:
+        groups: parameter_groups' output (each group keeps its weight decay).
+        model: the model they came from (to find the head's parameters).
+        lr: the base learning rate.
+    Returns:
+        Groups with 'lr' and a name such as 'head/other' or 'backbone/norm'; empty ones left
+        out.
+    """
+    head = {id(p) for p in model.fc.parameters()}
+    out = []
+    for group in groups:
+        for part, mult in (("backbone", backbone_lr_mult), ("head", head_lr_mult)):
+            params = [p for p in group["params"] if (id(p) in head) == (part == "head")]
+            if params:
+                out.append({**group, "params": params, "lr": lr * mult,
+                            "name": f"{part}/{group['name']}"})
+    return out
+
+
+def inverse_frequency_weights(targets, num_classes: int) -> torch.Tensor:
+    """Cross-entropy class weights for an imbalanced training set: N / (C x n_c), so that
+    every class weighs the same in the loss and the mean weight over the samples is 1
+    (scikit-learn's 'balanced' rule). A class without images gets weight 0.
+
+    Returns:
+        (num_classes,) float32.
+    """
+    counts = torch.bincount(torch.as_tensor(list(targets)), minlength=num_classes).double()
+    weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), 0.0)
+    return weights.float()

@@ -223,7 +223,10 @@ def test_train_data_folder_one_level_off_names_the_fix(tmp_path, too_deep):
         _train(["--data", wrong, "--work-dir", tmp_path / "w", "--workers", "0"])
     message = str(error.value)
     assert "--ann-file" not in message  # train.py has no such flag
-    assert ("give its parent" in message) if too_deep else (f"did you mean --data {data}" in message)
+    if too_deep:
+        assert "give its parent" in message
+    else:
+        assert f"did you mean --data {data}" in message
 
 
 @pytest.mark.slow
@@ -277,7 +280,6 @@ def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_old_one(tmp_path
 def test_an_unreadable_class_folder_is_one_line(tmp_path, monkeypatch, capsys,
                                                 ants_bees_checkpoint):
     import os
-    import argparse
     data = _tiny_split(tmp_path / "data", 1)
     locked = str(data / "val" / "bees")
     real_scandir = os.scandir

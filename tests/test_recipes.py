@@ -78,7 +78,6 @@ def test_recipe_errors_are_clear():
 
 
 def _two_images():
-    from PIL import Image
     photos = sorted((HYMENOPTERA / "val" / "bees").iterdir())[:4]
     from resnext.transforms import eval_transform
     return torch.stack([eval_transform(64)(resnext.load_image(p)) for p in photos])
@@ -169,3 +168,140 @@ def test_train_with_the_modern_recipe_options(tmp_path):
     res = subprocess.run(cmd + ["--fast-decode"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2 and "--fast-decode does the default recipe" in res.stderr
+
+
+# --- fine-tuning kit ----------------------------------------------------------------------------
+
+def test_balanced_sampler_draws_classes_uniformly_and_shards_one_draw():
+    from resnext.datasets import BalancedDistributedSampler
+    targets = [0] * 90 + [1] * 9 + [2] * 1  # 90 : 9 : 1
+    shards = [BalancedDistributedSampler(targets, 2, rank, seed=4) for rank in (0, 1)]
+    for s in shards:
+        s.set_epoch(3)
+    drawn = [list(s) for s in shards]
+    assert len(drawn[0]) == len(drawn[1]) == len(shards[0]) == 50
+    # Rank shards interleave one draw: rebuilt, it is the single-process draw.
+    single = BalancedDistributedSampler(targets, 1, 0, seed=4)
+    single.set_epoch(3)
+    assert [i for pair in zip(*drawn) for i in pair] == list(single)
+    # Over many epochs each class comes a third of the time (each image of class c: 1/(3 n_c)).
+    counts = torch.zeros(3)
+    for epoch in range(200):
+        single.set_epoch(epoch)
+        counts += torch.bincount(torch.tensor([targets[i] for i in single]), minlength=3)
+    assert torch.allclose(counts / counts.sum(), torch.full((3,), 1 / 3), atol=0.02)
+    single.set_epoch(0)
+    first = list(single)
+    single.set_epoch(1)
+    assert first != list(single)
+
+
+def test_inverse_frequency_weights_by_hand():
+    from resnext.recipes import inverse_frequency_weights
+    weights = inverse_frequency_weights([0] * 6 + [1] * 3 + [2] * 1, num_classes=4)
+    # N / (C n_c) with N 10, C 4: 10/24, 10/12, 10/4, and 0 for the class without images.
+    assert torch.allclose(weights, torch.tensor([10 / 24, 10 / 12, 10 / 4, 0.0]))
+
+
+def test_lr_multipliers_give_head_and_backbone_their_lr():
+    from resnext.recipes import with_lr_multipliers
+    model = resnext.resnext50_32x4d(num_classes=3)
+    groups = with_lr_multipliers(parameter_groups(model, 1e-4, norm_weight_decay=0.0), model,
+                                 0.01, head_lr_mult=10.0)
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"backbone/other", "backbone/norm", "head/other"}
+    assert {id(p) for p in by_name["head/other"]["params"]} == {id(model.fc.weight),
+                                                                id(model.fc.bias)}
+    assert by_name["head/other"]["lr"] == pytest.approx(0.1)
+    assert by_name["backbone/other"]["lr"] == by_name["backbone/norm"]["lr"] == 0.01
+    assert by_name["backbone/norm"]["weight_decay"] == 0.0
+    total = sum(p.numel() for g in groups for p in g["params"])
+    assert total == sum(p.numel() for p in model.parameters())
+
+
+def _three_class_folder(root, counts=(12, 6, 3)):
+    """A 3-class folder of real photos with imbalanced classes: ants, bees and demo photos."""
+    sources = [sorted((HYMENOPTERA / "train" / "ants").iterdir()),
+               sorted((HYMENOPTERA / "train" / "bees").iterdir()),
+               sorted((REPO / "demo").iterdir())]
+    for split in ("train", "val"):
+        for name, photos, n in zip(("ants", "bees", "others"), sources, counts):
+            (root / split / name).mkdir(parents=True)
+            for photo in photos[:n if split == "train" else 2]:
+                shutil.copy(photo, root / split / name / photo.name)
+    return root
+
+
+def _train_in_process(argv):
+    sys.path.insert(0, str(REPO))
+    import train
+    return train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_a_checkpoint_with_frozen_stages_and_balanced_classes(tmp_path,
+                                                                              capsys):
+    data = _three_class_folder(tmp_path / "data")
+    common = ["--data", data, "--img-size", "32", "--batch-size", "4", "--workers", "0",
+              "--epochs", "1", "--lr", "0.05", "--seed", "2"]
+    _train_in_process(common + ["--work-dir", tmp_path / "base"])  # a train.py checkpoint
+    start = torch.load(tmp_path / "base" / "last.pth", weights_only=True)["state_dict"]
+    _train_in_process(common + ["--work-dir", tmp_path / "tuned", "--load-from",
+                                tmp_path / "base" / "last.pth", "--frozen-stages", "3",
+                                "--class-balance", "sampler", "--head-lr-mult", "10"])
+    out = capsys.readouterr().out
+    assert "frozen: the stem and stages 1-3 (no gradients, BatchNorm in eval)" in out
+    assert "class balance: sampler" in out and "head/other lr 0.5" in out
+    tuned = torch.load(tmp_path / "tuned" / "last.pth", weights_only=True)["state_dict"]
+    frozen = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.")
+    for key, value in start.items():
+        if key.startswith(frozen):  # weights and BN statistics: bitwise unchanged
+            assert torch.equal(tuned[key], value), key
+    moved = [k for k in start if k.startswith(("layer4.", "fc.")) and k.endswith("weight")
+             and not torch.equal(tuned[k], start[k])]
+    assert "fc.weight" in moved and any(k.startswith("layer4.") for k in moved)
+    # --class-balance loss runs too, and --pretrained without a release is one clear error.
+    _train_in_process(common + ["--work-dir", tmp_path / "loss", "--class-balance", "loss"])
+    with pytest.raises(resnext.ConfigError, match="resnext101_64x4d has no released weights"):
+        _train_in_process(common + ["--work-dir", tmp_path / "x", "--model",
+                                    "resnext101_64x4d", "--pretrained"])
+
+
+@pytest.mark.slow
+def test_pretrained_starts_from_the_released_file(tmp_path, monkeypatch, capsys):
+    # The released weights, served by a local HTTP server: the download path as users hit it.
+    import hashlib
+    import http.server
+    import threading
+    from resnext import weights
+    model = resnext.resnext50_32x4d()
+    raw = tmp_path / "raw.pth"
+    torch.save({"state_dict": {f"backbone.{k}" if not k.startswith("fc.") else f"head.{k}": v
+                               for k, v in model.state_dict().items()},
+                "meta": {"CLASSES": [str(i) for i in range(1000)]}}, raw)
+    digest = hashlib.sha256(raw.read_bytes()).hexdigest()[:8]
+    served = tmp_path / "srv"
+    served.mkdir()
+    raw.rename(served / f"rx50-{digest}.pth")
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(served),
+                                                                    **k)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        release = weights.RELEASED_WEIGHTS["resnext50_32x4d"]
+        local = weights.ReleasedWeights(release.name, release.factory,
+                                        f"http://127.0.0.1:{server.server_port}/"
+                                        f"rx50-{digest}.pth", release.top1, release.top5)
+        monkeypatch.setitem(weights.RELEASED_WEIGHTS, "resnext50_32x4d", local)
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+        data = _three_class_folder(tmp_path / "data", counts=(4, 4, 4))
+        _train_in_process(["--data", data, "--img-size", "32", "--batch-size", "4",
+                           "--workers", "0", "--epochs", "1", "--work-dir", tmp_path / "w",
+                           "--pretrained", "--frozen-stages", "4", "--lr", "0.01"])
+    finally:
+        server.shutdown()
+    out = capsys.readouterr().out
+    assert f"rx50-{digest}.pth" in out and "skipped fc.bias, fc.weight (reset_head)" in out
+    tuned = torch.load(tmp_path / "w" / "last.pth", weights_only=True)["state_dict"]
+    assert torch.equal(tuned["layer4.2.conv3.weight"], model.layer4[2].conv3.weight)
+    assert tuned["fc.weight"].shape == (3, 2048)
