@@ -13,7 +13,8 @@ centre crop 224, the released models'). Each image is counted
 exactly once, also under torchrun, and only rank 0 prints. The evaluation itself
 (resnext.evaluation.evaluate) is what train.py validates with. --report DIR adds per-class
 precision/recall/F1, the confusion matrix and the top confusions (resnext.report): a table on
-stdout, DIR/report.json and DIR/confusion.csv.
+stdout, DIR/report.json and DIR/confusion.csv, and DIR/confusion.png when matplotlib is
+installed (pip install -e ".[plot]"; resnext.plot).
 Exit status: 0, 1 when an image cannot be read, 2 for a usage or setup error, 130 on Ctrl-C.
 """
 from __future__ import annotations
@@ -28,10 +29,11 @@ from resnext.cli import (HelpFormatter, add_common_args, check_output_path, prin
                          printable, run_cli)
 from resnext.datasets import build_dataset
 from resnext.distributed import cleanup_distributed, init_distributed
-from resnext.errors import ConfigError, DatasetError
+from resnext.errors import ConfigError, DatasetError, MissingDependencyError
 from resnext.evaluation import build_loader, describe_mapping, evaluate, format_accuracy
 from resnext.images import set_max_image_pixels
 from resnext.inference import load_for_inference
+from resnext.plot import plot_confusion
 from resnext.report import build_report, format_report, write_report
 from resnext.runtime import select_kernels
 
@@ -56,7 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="write per-image predictions (JSON list) here")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="write per-class precision/recall/F1 and the confusion matrix to "
-                        "DIR/report.json and DIR/confusion.csv, and print the table")
+                        "DIR/report.json and DIR/confusion.csv, and print the table; with "
+                        "matplotlib also the picture DIR/confusion.png")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (bitwise-reproducible runs, slower on GPU)")
     add_common_args(p)
@@ -89,6 +92,12 @@ def _print_and_write(args: argparse.Namespace, result: dict, seconds: float, inf
         report = build_report(result, dataset, model.class_names)
         write_report(report, args.report)
         print(format_report(report, args.report), file=text_out)
+        try:
+            drawn = plot_confusion(report, Path(args.report) / "confusion.png")
+        except MissingDependencyError as e:
+            print(f"evaluate.py: confusion.png skipped: {e}", file=sys.stderr)
+        else:
+            print(f"picture: {printable(drawn['path'])}", file=text_out)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -98,7 +107,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.report:
         if Path(args.report).exists() and not Path(args.report).is_dir():
             raise ConfigError(f"{args.report}: --report needs a folder, and this is a file")
-        outputs += [Path(args.report) / "report.json", Path(args.report) / "confusion.csv"]
+        outputs += [Path(args.report) / name
+                    for name in ("report.json", "confusion.csv", "confusion.png")]
     for path in outputs:
         if path:
             check_output_path(path)  # before the work, not after it
@@ -109,7 +119,7 @@ def main(args: argparse.Namespace) -> dict:
                                    fuse=args.fuse_bn, channels_last=args.channels_last,
                                    compile=args.compile, img_size=args.img_size,
                                    resize_size=args.resize_size, verbose=args.verbose,
-                                   announce=info.is_main)
+                                   announce=info.is_main, use_ema=not args.raw_weights)
         if info.is_main:
             print_load_notes("evaluate.py", model.load_report, args.verbose)
         dataset = build_dataset(args.data, args.ann_file, model.preprocessing.transform(False),

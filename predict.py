@@ -2,12 +2,15 @@
 
     python predict.py bird.JPEG                         # resnext50_32x4d, released weights
     python predict.py photos/ a.png --topk 3 --checkpoint work_dirs/rx50/best.pth --json
+    python predict.py bird.JPEG --cam cams/               # + cams/bird_cam.png (Grad-CAM)
 
 Folders are walked for images (resnext.images.list_images: hidden entries skipped, symlinks
 followed). Images are prepared as the weights expect (the checkpoint's stored preprocessing,
-else resize 256 / crop 224). A file that cannot be read is reported on stderr with its path
-and reason; the others are still answered, and the exit status is then 1. Exit status 2: a
-usage or setup error (one line on stderr); 130: interrupted (answers so far kept).
+else resize 256 / crop 224). --cam DIR also writes, per image, the crop with the Grad-CAM
+heat map of its top class over it and the class and score written on it (DIR/<stem>_cam.png;
+resnext.cam). A file that cannot be read is reported on stderr with its path and reason; the
+others are still answered, and the exit status is then 1. Exit status 2: a usage or setup
+error (one line on stderr); 130: interrupted (answers so far kept).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from resnext.cam import cam_file_names, grad_cam, overlay
 from resnext.cli import (EXIT_FAILED, HelpFormatter, add_common_args, check_output_path,
                          positive_int, print_load_notes, printable, run_cli)
 from resnext.errors import ConfigError, ImageReadError
@@ -46,6 +50,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="fold BatchNorm into the convs on CPU (same numbers to float rounding)")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                    help="one JSON object per image, on stdout (or written to PATH)")
+    p.add_argument("--cam", default=None, metavar="DIR",
+                   help="also write each image's crop with the Grad-CAM heat map of its top "
+                        "class (last stage) and the class and score to DIR/<stem>_cam.png")
     add_common_args(p, batch_size=16)
     return p
 
@@ -70,6 +77,38 @@ def _check_json_target(path: str | None) -> None:
                           f"inputs first or write --json=- for stdout")
     if path not in (None, "-"):
         check_output_path(path)
+
+
+def _check_cam_target(folder: str | None) -> None:
+    if folder is None:
+        return
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise ConfigError(f"{folder}: --cam needs a folder, and this is a file")
+    check_output_path(Path(folder) / "image_cam.png")  # creates the folder; can it take files?
+
+
+def cam_network(model, args: argparse.Namespace) -> torch.nn.Module:
+    """The plain network for Grad-CAM: the prepared one unless --fuse-bn or --compile made
+    another of it, in which case the weights are loaded again, unfolded and uncompiled."""
+    if not (args.fuse_bn or args.compile):
+        return model.net
+    return load_for_inference(args.model, args.checkpoint, model.device, fuse=False,
+                              compile=False, channels_last=args.channels_last,
+                              img_size=args.img_size, announce=False,
+                              use_ema=not args.raw_weights).net  # the weights predicted with
+
+
+def write_cams(net, model, crops: list[torch.Tensor], labels: torch.Tensor,
+               scores: torch.Tensor, targets: list[Path]) -> None:
+    """Grad-CAM of each (3, H, W) uint8 crop for its class in `labels`, drawn over the crop
+    with the class name and score, saved to `targets`."""
+    x = model.normalizer()(torch.stack(crops).to(model.device)).to(model.input_dtype)
+    cams = grad_cam(net, x, labels.to(model.device))  # (N, H, W) in [0, 1]
+    names = model.class_names
+    for crop, cam, label, score, target in zip(crops, cams, labels.tolist(), scores.tolist(),
+                                               targets):
+        name = names[label] if names else str(label)
+        overlay(crop, cam, f"{printable(name)} {score:.2f}").save(target)
 
 
 class DecodedImages(Dataset):
@@ -126,11 +165,14 @@ def main(args: argparse.Namespace) -> int:
     if args.max_image_pixels is not None:
         set_max_image_pixels(args.max_image_pixels)
     _check_json_target(args.json)
+    _check_cam_target(args.cam)
     model = load_for_inference(args.model, args.checkpoint, default_device(args.device),
                                amp=args.amp, fuse=args.fuse_bn,
                                channels_last=args.channels_last, compile=args.compile,
-                               img_size=args.img_size, verbose=args.verbose)
+                               img_size=args.img_size, verbose=args.verbose,
+                               use_ema=not args.raw_weights)
     print_load_notes("predict.py", model.load_report, args.verbose)
+    cam_net = cam_network(model, args) if args.cam else None
     paths, skipped = collect_paths(args.inputs)
     if skipped:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
@@ -140,6 +182,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"predict.py: no images found in {printable(' '.join(args.inputs))}",
               file=sys.stderr)
         return EXIT_FAILED
+    cam_names = cam_file_names(paths) if args.cam else []
     model.pad_to = min(args.batch_size, len(paths))  # a compiled model's one batch size
     # Worker processes only pay off from the second batch on (starting one costs ~0.1 s).
     workers = min(args.workers, (len(paths) - 1) // args.batch_size)
@@ -163,10 +206,17 @@ def main(args: argparse.Namespace) -> int:
                 scores = model.classify(torch.stack(tensors))
                 values, labels = scores.topk(min(args.topk, scores.shape[1]), dim=1)
                 top = iter([list(zip(v, l)) for v, l in zip(values.tolist(), labels.tolist())])
+                if cam_net is not None:
+                    write_cams(cam_net, model, tensors, labels[:, 0], values[:, 0],
+                               [Path(args.cam) / cam_names[i] for i, t, _ in items
+                                if t is not None])
             for index, tensor, error in items:  # input order, errors included
                 failed += error is not None
                 answer(paths[index], error, next(top) if error is None else None,
                        model.class_names, args.json is not None, out)
+    if args.cam:
+        print(f"predict.py: class activation maps of {len(paths) - failed} images in "
+              f"{printable(args.cam)}", file=sys.stderr)
     return EXIT_FAILED if failed else 0
 
 

@@ -39,23 +39,39 @@ from resnext.classes import imagenet_class_names
 from resnext.cli import (EXIT_FAILED, HelpFormatter, add_common_args, check_output_path,
                          positive_int, printable, run_cli)
 from resnext.datasets import (BalancedDistributedSampler, EpochTaggedSampler,
-                              SeededAugmentation, build_dataset)
+                              RepeatedAugmentationSampler, SeededAugmentation, build_dataset)
 from resnext.distributed import cleanup_distributed, init_distributed
 from resnext import recipes
 from resnext.errors import CheckpointNotFoundError, ConfigError, DatasetError, ResNeXtError
 from resnext.evaluation import build_loader, count_topk, evaluate, topk_for
 from resnext.images import load_image, pixel_limit_worker_init, set_max_image_pixels
 from resnext.inference import InferenceModel
-from resnext.recipes import BatchMixer, parameter_groups
+from resnext.recipes import BatchMixer, ModelEMA, ema_decay, parameter_groups, unwrap
 from resnext.runtime import (amp_name, autocast, fit_loader_to_shared_memory, maybe_compile,
                              resolve_amp, select_kernels)
 from resnext.transforms import FastTrainTransform, Normalize, Preprocessing, train_transform
 from resnext.weights import RELEASED_WEIGHTS, get_model, load_weights
 
 
+class RecipeParser(argparse.ArgumentParser):
+    """An ArgumentParser whose --recipe preset sets the defaults of the flags it names, so
+    that flags given explicitly override the preset (two passes: find --recipe, then parse
+    with its defaults)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if namespace is None:
+            if not hasattr(self, "_own_defaults"):
+                keys = {k for preset in recipes.PRESETS.values() for k in preset}
+                self._own_defaults = {k: self.get_default(k) for k in keys}
+            probe, _ = super().parse_known_args(args, argparse.Namespace(
+                **self._own_defaults, recipe=self.get_default("recipe")))
+            self.set_defaults(**{**self._own_defaults, **recipes.PRESETS[probe.recipe]})
+        return super().parse_known_args(args, namespace)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="ResNeXt training (mmpretrain imagenet_bs256 recipe)",
-                                formatter_class=HelpFormatter)
+    p = RecipeParser(description="ResNeXt training (mmpretrain imagenet_bs256 recipe)",
+                     formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="root with train/ and val/ (and optionally "
                    "meta/train.txt, meta/val.txt)")
     p.add_argument("--epochs", type=positive_int, default=100, help="epochs to train")
@@ -108,6 +124,16 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     """Options beside mmpretrain's recipe, with torchvision's references' meanings; none is
     on by default, so the default run is mmpretrain's."""
     g = p.add_argument_group("recipe options (torchvision references/classification)")
+    g.add_argument("--recipe", choices=sorted(recipes.PRESETS), default="mmpretrain",
+                   help="a preset of the flags below and of batch, lr, epochs and weight "
+                        "decay; explicit flags override it. torchvision-v2: 8 x 128, lr 0.5 "
+                        "for that total batch of 1024, cosine, 5 warmup epochs, 600 epochs, "
+                        "TrivialAugment, random erasing 0.1, label smoothing 0.1, mixup 0.2, "
+                        "cutmix 1.0, wd 2e-5 (0 on norm layers), EMA, crop 176, val resize "
+                        "232, repeated augmentation 4")
+    g.add_argument("--lr-reference-batch", type=positive_int, default=256,
+                   help="the total batch --lr is for (--auto-scale-lr scales by total batch "
+                        "/ this)")
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
                    help="sgd (momentum --momentum) or adamw")
     g.add_argument("--lr-scheduler", choices=["step", "cosine"], default="step",
@@ -132,6 +158,17 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="weight decay of normalisation layers (default: --weight-decay)")
     g.add_argument("--bias-weight-decay", type=float, default=None,
                    help="weight decay of biases (default: --weight-decay)")
+    g.add_argument("--model-ema", action="store_true",
+                   help="keep an exponential moving average of the weights, validate it each "
+                        "epoch beside the raw ones and save it in the checkpoint")
+    g.add_argument("--model-ema-steps", type=positive_int, default=32,
+                   help="optimizer steps between EMA updates")
+    g.add_argument("--model-ema-decay", type=float, default=0.99998,
+                   help="EMA decay, adjusted for batch, world size and steps as torchvision's "
+                        "reference does")
+    g.add_argument("--ra-reps", type=positive_int, default=1,
+                   help="repeated augmentation: copies of each image per epoch, spread over "
+                        "the ranks (1: off)")
     g.add_argument("--train-crop-size", type=positive_int, default=None,
                    help="training crop in pixels (default: --img-size, else 224)")
     g.add_argument("--val-crop-size", type=positive_int, default=None,
@@ -167,6 +204,9 @@ def resolve_recipe(args: argparse.Namespace) -> None:
     if args.fast_decode and (args.auto_augment or args.random_erase):
         raise ConfigError("--fast-decode does the default recipe's crop and flip only; drop "
                           "it to use --auto-augment / --random-erase")
+    if args.ra_reps > 1 and args.class_balance == "sampler":
+        raise ConfigError("--ra-reps and --class-balance sampler both choose the samples: "
+                          "use one (or --class-balance loss)")
     if args.pretrained:
         if args.load_from:
             raise ConfigError("--pretrained and --load-from both give initial weights: pick one")
@@ -293,6 +333,9 @@ def build_train_loader(dataset, args, rank: int, world_size: int, pin_memory: bo
     of workers, and the workers need no reseeding between epochs."""
     if getattr(args, "class_balance", None) == "sampler":
         shards = BalancedDistributedSampler(dataset.targets, world_size, rank, args.seed)
+    elif getattr(args, "ra_reps", 1) > 1:
+        shards = RepeatedAugmentationSampler(len(dataset), world_size, rank, args.seed,
+                                             args.ra_reps)
     else:
         shards = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                     seed=args.seed, drop_last=True)
@@ -321,10 +364,12 @@ def build_train_loader(dataset, args, rank: int, world_size: int, pin_memory: bo
 def train_one_epoch(model, loader, optimizer, scaler, criterion, epoch: int, steps: int,
                     args, device: torch.device, amp: torch.dtype | None, world_size: int,
                     log, is_main: bool, mixer: BatchMixer | None = None,
-                    rank: int = 0) -> dict:
+                    rank: int = 0, ema: ModelEMA | None = None) -> dict:
     """One pass over `loader`: `steps` optimizer steps of `args.accum_steps` micro-batches.
     With a mixer (MixUp/CutMix), the loss is taken on its soft targets and the top-k on the
-    batch's own labels.
+    batch's own labels. With an EMA, it is updated every --model-ema-steps optimizer steps
+    (from the first), and during warmup epochs it restarts from the model at each update, as
+    torchvision's reference does.
 
     The loss, the top-k hits and a non-finite counter stay on the device; they are read on
     the host once per `--log-interval` steps (one synchronisation), where a NaN/inf loss on
@@ -377,6 +422,10 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, epoch: int, ste
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None and step % args.model_ema_steps == 0:
+            ema.update_parameters(unwrap(model))
+            if epoch < args.warmup_epochs:
+                ema.n_averaged.fill_(0)  # the next update copies the model again
         bar.update()
         if (step + 1) % args.log_interval == 0 or step + 1 == steps:
             if world_size > 1:  # every rank learns of a NaN anywhere, and stops with the others
@@ -413,7 +462,7 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, epoch: int, ste
 # --- checkpoints -----------------------------------------------------------------------------
 
 def resume_from(path: str, model, optimizer, scheduler, scaler, total_batch: int,
-                args) -> tuple[int, float, str]:
+                args, ema: ModelEMA | None = None) -> tuple[int, float, str]:
     """Restore a run. The rule (mmpretrain's): the checkpoint's optimizer state wins, so the
     lr and schedule continue as saved whatever --lr / --auto-scale-lr say now; a changed total
     batch is announced, not silently rescaled.
@@ -423,6 +472,10 @@ def resume_from(path: str, model, optimizer, scheduler, scaler, total_batch: int
     model.load_state_dict(state["state_dict"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    saved_ema = state.get("ema")
+    if ema is not None and saved_ema:
+        ema.module.load_state_dict(saved_ema["state_dict"])
+        ema.n_averaged.fill_(saved_ema["n_averaged"])
     saved_scaler = state.get("scaler") or {}  # {} when the run had no fp16 GradScaler
     if scaler.is_enabled() and saved_scaler:
         scaler.load_state_dict(saved_scaler)
@@ -440,18 +493,28 @@ def resume_from(path: str, model, optimizer, scheduler, scaler, total_batch: int
                  f"the lr is not rescaled on resume")
     elif args.lr != state.get("args", {}).get("lr", args.lr):
         note += "; --lr is ignored on resume"
+    if ema is not None and not saved_ema:
+        note += "; the checkpoint has no EMA: it starts from the resumed weights"
     return state["epoch"], state["best_top1"], note + ")"
 
 
 def checkpoint_state(model, optimizer, scheduler, scaler, epoch: int, best_top1: float,
                      record: dict, classes, preprocessing: Preprocessing, total_batch: int,
-                     args) -> dict:
-    """Our checkpoint layout: plain Python types and tensors only (weights-only loadable)."""
-    return {
+                     args, ema: ModelEMA | None = None) -> dict:
+    """Our checkpoint layout: plain Python types and tensors only (weights-only loadable).
+    With an EMA, 'ema' holds its state dict (read by the loader in place of the raw weights
+    unless asked otherwise) and meta['best_weights'] says which scored higher this epoch."""
+    extra = {}
+    if ema is not None:
+        extra["ema"] = {"state_dict": ema.module.state_dict(), "decay": ema.decay,
+                        "n_averaged": int(ema.n_averaged)}
+    return {**extra,
         "state_dict": model.state_dict(),
         "meta": {"model": args.model, "classes": classes,
                  "preprocessing": preprocessing.to_dict(), "total_batch": total_batch,
-                 "top1": record.get("accuracy/top1"), "torch_version": str(torch.__version__)},
+                 "top1": record.get("accuracy/top1"), "torch_version": str(torch.__version__),
+                 "ema_top1": record.get("ema/accuracy/top1"),
+                 "best_weights": record.get("best_weights", "raw")},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
@@ -563,9 +626,10 @@ def build_optimizer(args, raw_model, total_batch: int, amp, device: torch.device
     fused: the fused SGD kernel; None: on CUDA only. It takes the GradScaler's inf check on
     the device, where the unfused step reads it on the host after every step. Both give the
     same weights to a few ulps (tested on CPU, where torch has the fused kernel too)."""
-    lr = args.lr * total_batch / 256 if args.auto_scale_lr else args.lr
-    fused = device.type == "cuda" if fused is None else fused
     option = vars(args).get  # recipe options absent (a hand-made args): the default recipe
+    reference = option("lr_reference_batch") or 256
+    lr = args.lr * total_batch / reference if args.auto_scale_lr else args.lr
+    fused = device.type == "cuda" if fused is None else fused
     norm_wd, bias_wd = option("norm_weight_decay"), option("bias_weight_decay")
     mults = (option("head_lr_mult") or 1.0, option("backbone_lr_mult") or 1.0)
     params = (raw_model.parameters() if norm_wd is None and bias_wd is None else
@@ -595,6 +659,18 @@ def validate(raw_model, val_loader, device, amp, preprocessing, classes, args,
     evaluator = InferenceModel(raw_model, device, amp, args.channels_last, preprocessing,
                                classes, len(classes), args.model)
     return evaluate(evaluator, val_loader, progress=is_main)
+
+
+def validate_ema(ema: ModelEMA, val_loader, device, amp, preprocessing, classes, args,
+                 world_size: int, is_main: bool) -> dict:
+    """The EMA weights validated as the raw ones are; returns the epoch record's 'ema/...'
+    entries and 'best_weights': 'ema' when the EMA's top-1 beats the raw one's."""
+    result = validate(ema.module, val_loader, device, amp, preprocessing, classes, args,
+                      world_size, is_main)
+    out = {f"ema/accuracy/{key}": value for key, value in result.items()
+           if key.startswith("top")}
+    out["ema/val_loss"] = result["loss"]
+    return out
 
 
 def announce(args, log, is_main: bool, **facts) -> None:
@@ -640,22 +716,30 @@ def epoch_line(record: dict, epochs: int) -> str:
             if key.startswith("accuracy/top") and key != "accuracy/top1":
                 val += f" top-{key[len('accuracy/top'):]} {value:.2f}"
         val += f" ({record['val_images']} images)"
+        if "ema/accuracy/top1" in record:
+            val += f"  EMA top-1 {record['ema/accuracy/top1']:.2f}"
     return (f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} "
             f"top-1 {record['train_top1']:.2f}{val}  lr {record['lr']:.3g}  "
             f"{record['images_per_s']:.1f} img/s  {record['epoch_time']:.1f}s")
 
 
-def final_line(work_dir: Path, best_top1: float, best_epoch: int | None, start_epoch: int,
-               epochs: int) -> str:
-    """The run's last line: the best checkpoint and its val top-1."""
+def final_line(work_dir: Path, best_top1: float, best_epoch: tuple[int, str | None] | None,
+               start_epoch: int, epochs: int) -> str:
+    """The run's last line: the best checkpoint, its val top-1, its epoch and (with an EMA)
+    which weights scored it."""
     if start_epoch >= epochs:
         return (f"nothing to train: the run already finished its {epochs} epochs "
                 f"(raise --epochs to continue); {work_dir / 'best.pth'} holds val top-1 "
                 f"{best_top1:.2f}")
     if best_top1 < 0:
         return f"done; no validation ran: the weights are in {work_dir / 'last.pth'}"
-    when = f" (epoch {best_epoch})" if best_epoch is not None else " (an epoch before the resume)"
-    return f"done; best: {work_dir / 'best.pth'}, val top-1 {best_top1:.2f}{when}"
+    if best_epoch is None:
+        return (f"done; best: {work_dir / 'best.pth'}, val top-1 {best_top1:.2f} (an epoch "
+                f"before the resume)")
+    epoch, weights = best_epoch
+    which = f", {weights.upper() if weights == 'ema' else weights} weights" if weights else ""
+    return (f"done; best: {work_dir / 'best.pth'}, val top-1 {best_top1:.2f} (epoch "
+            f"{epoch}{which})")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -700,12 +784,15 @@ def main(args: argparse.Namespace) -> dict:
                                               label_smoothing=args.label_smoothing)
         mixer = (BatchMixer(len(classes), args.mixup_alpha, args.cutmix_alpha, args.seed)
                  if args.mixup_alpha > 0 or args.cutmix_alpha > 0 else None)
+        ema = (ModelEMA(raw_model, ema_decay(args.model_ema_decay, args.model_ema_steps,
+                                             world_size, args.batch_size, args.epochs))
+               if args.model_ema else None)
 
         # --- resume ------------------------------------------------------------------------
         start_epoch, best_top1, best_epoch = 0, -1.0, None
         if resume:
             start_epoch, best_top1, note = resume_from(resume, raw_model, optimizer, scheduler,
-                                                       scaler, total_batch, args)
+                                                       scaler, total_batch, args, ema)
             if is_main:
                 print(note)
         announce(args, log, is_main, world_size=world_size, total_batch=total_batch,
@@ -725,7 +812,7 @@ def main(args: argparse.Namespace) -> dict:
             record = {"type": "epoch", "epoch": epoch + 1}
             record.update(train_one_epoch(model, train_loader, optimizer, scaler, criterion,
                                           epoch, steps_per_epoch, args, device, amp,
-                                          world_size, log, is_main, mixer, rank))
+                                          world_size, log, is_main, mixer, rank, ema))
             record["images_per_s"] = record["train_images"] / (time.perf_counter() - epoch_start)
             record["lr"] = optimizer.param_groups[0]["lr"]
             scheduler.step()
@@ -736,16 +823,22 @@ def main(args: argparse.Namespace) -> dict:
                 record.update({f"accuracy/{key}": value for key, value in result.items()
                                if key.startswith("top")})
                 record.update({"val_loss": result["loss"], "val_images": result["num_images"]})
+                if ema is not None:
+                    record.update(validate_ema(ema, val_loader, device, amp, preprocessing,
+                                               classes, args, world_size, is_main))
+                    better = record["ema/accuracy/top1"] > record["accuracy/top1"]
+                    record["best_weights"] = "ema" if better else "raw"
             record["epoch_time"] = time.perf_counter() - epoch_start
-            is_best = "accuracy/top1" in record and record["accuracy/top1"] > best_top1
+            top1 = max(record.get("accuracy/top1", -1.0), record.get("ema/accuracy/top1", -1.0))
+            is_best = "accuracy/top1" in record and top1 > best_top1
             if is_best:
-                best_top1, best_epoch = record["accuracy/top1"], epoch + 1
+                best_top1, best_epoch = top1, (epoch + 1, record.get("best_weights"))
 
             # Checkpoint: rank 0, epoch ends only, written atomically.
             if is_main:
                 state = checkpoint_state(raw_model, optimizer, scheduler, scaler, epoch,
                                          best_top1, record, classes, preprocessing,
-                                         total_batch, args)
+                                         total_batch, args, ema)
                 with signals_held():  # last.pth, best.pth and the log record land together
                     save_checkpoint(state, work_dir / "last.pth")
                     if is_best:

@@ -52,7 +52,8 @@ import resnext.runtime  # noqa: E402
 from resnext.datasets import (ClassFolderDataset, EpochTaggedSampler,  # noqa: E402
                               SeededAugmentation)
 from resnext.images import list_images, load_image  # noqa: E402
-from resnext.transforms import FastTrainTransform, eval_transform  # noqa: E402
+from resnext.transforms import (FastTrainTransform, eval_transform,  # noqa: E402
+                                train_transform)
 from resnext.inference import fuse_bn  # noqa: E402
 from resnext.runtime import (amp_name, autocast, compile_available, maybe_compile,  # noqa: E402
                              resolve_amp)
@@ -292,7 +293,53 @@ def top1_agreement(args, device, ours, amp) -> dict:
 def bench_train(args, device) -> list:
     batch = args.train_batch or (256 if device.type == "cuda" else 16)
     print(f"Training step (forward, backward, SGD), resnext50_32x4d, batch {batch}, 224x224")
-    return train_steps(args, device, batch, resolve_amp("auto", device))
+    amp = resolve_amp("auto", device)
+    rows = train_steps(args, device, batch, amp)
+    print(f"Training step with the torchvision-v2 recipe's batch-level extras, batch {batch}")
+    return rows + recipe_steps(args, device, batch, amp)
+
+
+def recipe_steps(args, device, batch: int, amp) -> list:
+    """train.py's step (--amp auto, channels_last) plain (reference) against the same step
+    with MixUp/CutMix on the batch (resnext.recipes.BatchMixer), with an EMA update after
+    it (ModelEMA, --model-ema-steps 1: the dearest setting), and with both."""
+    from resnext.recipes import BatchMixer, ModelEMA
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, 224, 224, device=device).contiguous(
+        memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    mixer = BatchMixer(1000, 0.2, 1.0)
+
+    def make_step(mix: bool, average: bool):
+        # Each variant its own model, optimizer and EMA; a small lr keeps the weights finite
+        # (NaN weights would time differently).
+        model = resnext.resnext50_32x4d().to(device).train()
+        model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9,
+                                    weight_decay=1e-4)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        ema = ModelEMA(model, 0.999) if average else None
+
+        def step() -> None:
+            images, targets = mixer(x, y, 0, 0) if mix else (x, y)
+            with autocast(device, amp):
+                loss = torch.nn.functional.cross_entropy(model(images).float(), targets)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(model)
+        return step
+
+    variants = [("train.py step, default recipe (reference)", False, False),
+                ("+ MixUp/CutMix (--mixup-alpha 0.2 --cutmix-alpha 1.0)", True, False),
+                ("+ EMA update every step (--model-ema --model-ema-steps 1)", False, True),
+                ("+ both", True, True)]
+    seconds = interleaved_medians([make_step(m, a) for _, m, a in variants], device,
+                                  args.warmup, args.repeats)
+    return [{"batch": batch, **row(name, batch / s, batch / seconds[0])}
+            for (name, *_), s in zip(variants, seconds)]
 
 
 def train_steps(args, device, batch: int, amp) -> list:
@@ -369,6 +416,15 @@ def bench_pipeline(args) -> dict:
         base = images_per_s(reference)
         out[label] = [row("torchvision ImageFolder + transforms (reference)", base, base),
                       row(name, images_per_s(ours), base)]
+    # The torchvision-v2 recipe's per-image work against the default recipe's, per worker.
+    plain = ClassFolderDataset(root / "train", train_transform(224))
+    v2 = ClassFolderDataset(root / "train", train_transform(176, "ta_wide", 0.1))
+    print(f" train, recipes: {len(plain)} images")
+    base = images_per_s(plain)
+    out["train_recipes"] = [
+        row("default recipe: RandomResizedCrop 224 + flip (reference)", base, base),
+        row("torchvision-v2: crop 176, TrivialAugmentWide, RandomErasing 0.1",
+            images_per_s(v2), base)]
     torch.set_num_threads(threads)
     # What the batches cost between the worker and the model: collating, passing through
     # shared memory (and, on CUDA, pinning and copying). float32 is 4x the bytes of uint8.

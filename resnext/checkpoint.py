@@ -3,15 +3,14 @@
 Supported inputs (all read with map_location='cpu' and weights-only unpickling):
   * mmcls 0.x release files: {'meta': {..., 'CLASSES': [...]}, 'state_dict': {'backbone.*',
     'head.fc.*'}}, often in torch's legacy (non-zip) serialization;
-  * mmpretrain 1.x / mmengine training checkpoints: classes in meta['dataset_meta'], plus
-    message_hub / optimizer / param_schedulers whose pickle names mmengine and numpy globals.
-    Those names are bound to inert stand-ins inside the weights-only unpickler
-    (resnext.unpickling), so the state dict and class names are read while mmengine is never
-    imported and no foreign callable (not even builtins.getattr) ever runs;
+  * mmpretrain 1.x / mmengine training checkpoints (classes in meta['dataset_meta']): the
+    mmengine and numpy globals their pickles name are inert stand-ins in the weights-only
+    unpickler (resnext.unpickling); mmengine is never imported, no foreign callable runs;
   * torchvision and timm ResNeXt state dicts (.pth, .bin, or .safetensors with the safetensors
-    package), torchvision-references checkpoints ({'model': ...}), our own train.py files;
-  * any of those with one or more `module.` (DDP) or `_orig_mod.` (torch.compile) prefixes;
-  * any of those with an EMA copy beside the weights (mmcls 0.x `ema_*` keys, mmengine's
+    package), torchvision-references checkpoints ({'model': ...}), our own train.py files
+    (an EMA run's: its EMA weights unless use_ema=False);
+  * any of those with `module.` (DDP), `_orig_mod.` (torch.compile) or `net.` prefixes;
+  * foreign EMA copies beside the weights (mmcls 0.x `ema_*` keys, mmengine's
     `ema_state_dict`): the main keys are loaded, the copy skipped and named in the format;
   * tensors of any floating dtype (float16/bfloat16 exports, float64): load_weights casts
     them to the model's dtype, so a model built from a file is float32 unless asked otherwise;
@@ -129,19 +128,35 @@ def _find_state_dict(raw: Any, source: str) -> tuple[Mapping[str, Any], str]:
     return raw["state_dict"], fmt
 
 
-def convert_state_dict(raw: Any, source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
+def _ours_or_ema(raw: Any, sd: Mapping[str, Any], fmt: str, use_ema: bool,
+                 notes: list[str]) -> Mapping[str, Any]:
+    """A train.py checkpoint of an EMA run: its 'ema' weights unless use_ema is False (the
+    choice goes into `notes`); any other file: `sd`."""
+    ours = raw.get("ema") if isinstance(raw, Mapping) and fmt.startswith("resnext") else None
+    if not (isinstance(ours, Mapping) and isinstance(ours.get("state_dict"), Mapping)):
+        return sd
+    notes.append("EMA weights used (the raw ones: use_ema=False, --raw-weights)" if use_ema
+                 else "raw weights used (the file's EMA weights skipped)")
+    return ours["state_dict"] if use_ema else sd
+
+
+def convert_state_dict(raw: Any, source: str = "checkpoint",
+                       use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
     """Find the state dict in a loaded checkpoint and rename its keys to ours.
 
     Pure function: unwraps {'state_dict': ...} / {'model': ...}, strips `module.` and
     `_orig_mod.` prefixes (any number) and an InferenceModel's `net.`, maps the OpenMMLab
-    layout (`backbone.X` -> `X`, `head.fc.X` -> `fc.X`). torchvision's and timm's keys are already ours. An EMA copy is
-    skipped and named in the format: mmcls 0.x `ema_<key with _ for .>` entries that shadow
-    the main keys, or mmengine's top-level `ema_state_dict`; both EMA hooks swap the averaged
-    weights into the main keys before saving, so the main keys are what the run evaluated.
+    layout (`backbone.X` -> `X`, `head.fc.X` -> `fc.X`). torchvision's and timm's keys are
+    already ours. A train.py checkpoint of a run with --model-ema holds the EMA's weights
+    under 'ema': those are taken unless use_ema is False. A foreign EMA copy is skipped and
+    named in the format: mmcls 0.x `ema_<key with _ for .>` entries that shadow the main
+    keys, or mmengine's top-level `ema_state_dict`; both EMA hooks swap the averaged weights
+    into the main keys before saving, so the main keys are what the run evaluated.
 
     Args:
         raw: what torch.load returned (or a safetensors dict).
         source: file name for error messages.
+        use_ema: take a train.py checkpoint's EMA weights when it has them.
     Returns:
         (state dict with our keys, format description such as 'mmcls 0.x').
     Raises:
@@ -151,6 +166,7 @@ def convert_state_dict(raw: Any, source: str = "checkpoint") -> tuple[dict[str, 
     """
     sd, fmt = _find_state_dict(raw, source)
     notes: list[str] = []
+    sd = _ours_or_ema(raw, sd, fmt, use_ema, notes)
     ema = _ema_copies(sd)
     if ema:
         notes.append(f"EMA copy ({len(ema)} ema_* keys) skipped")
@@ -243,7 +259,8 @@ class Checkpoint:
         return meta if isinstance(meta, Mapping) else {}
 
 
-def read_checkpoint(source: str | os.PathLike, progress: bool = True) -> Checkpoint:
+def read_checkpoint(source: str | os.PathLike, progress: bool = True,
+                    use_ema: bool = True) -> Checkpoint:
     """Read any supported checkpoint from a path or URL and convert it to our keys.
 
     Args:
@@ -251,6 +268,7 @@ def read_checkpoint(source: str | os.PathLike, progress: bool = True) -> Checkpo
             `<hub dir>/checkpoints/`, and hash-checked when the file name carries a SHA-256
             prefix).
         progress: show a download progress bar.
+        use_ema: a train.py checkpoint's EMA weights when it has them (convert_state_dict).
     Returns:
         Checkpoint with the converted state dict, class names and detected format.
     Raises:
@@ -262,7 +280,7 @@ def read_checkpoint(source: str | os.PathLike, progress: bool = True) -> Checkpo
     """
     path = download_weights(source, progress=progress) if is_url(source) else Path(source)
     raw = _read_raw(path)
-    state_dict, fmt = convert_state_dict(raw, str(path))
+    state_dict, fmt = convert_state_dict(raw, str(path), use_ema)
     if path.suffix != ".safetensors" and not zipfile.is_zipfile(path):
         fmt += " (legacy serialization)"
     return Checkpoint(state_dict, _class_names(raw), fmt, path, raw)
@@ -412,15 +430,13 @@ def export_openmmlab(model: nn.Module, path: str | os.PathLike,
     """Write `model` in OpenMMLab's layout for mmpretrain (load_from=) or mmdetection.
 
     Keys become `backbone.<ours>` and `head.fc.<weight|bias>`; meta carries the class names as
-    both `CLASSES` (mmcls 0.x) and `dataset_meta.classes` (mmpretrain 1.x), and the model's
-    `preprocessing` (resnext.transforms.Preprocessing, which mmpretrain ignores) as a plain dict, so
-    that a model trained at another size is evaluated at it after the round trip. Reading the
-    file back with read_checkpoint gives exactly the original tensors.
+    `CLASSES` (mmcls 0.x) and `dataset_meta.classes` (mmpretrain 1.x), and the model's
+    `preprocessing` as a plain dict (mmpretrain ignores it; read_checkpoint restores it), so
+    the round trip gives the original tensors and preprocessing.
 
     Args:
-        model: a ResNeXt.
-        path: output file (written atomically).
-        classes: class names; default model.class_names.
+        model: a ResNeXt; path: output file (written atomically); classes: class names,
+            default model.class_names.
     Returns:
         The path written.
     """

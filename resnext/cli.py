@@ -56,7 +56,7 @@ def add_common_args(parser: argparse.ArgumentParser, batch_size: int = 32,
     """The flags train.py, evaluate.py and predict.py share, with one meaning and default:
     --model, --batch-size (images per process), --workers (default_workers()), --img-size,
     --device, --amp, --channels-last/--no-channels-last (on), --compile, --verbose,
-    --max-image-pixels.
+    --max-image-pixels, and for predict.py/evaluate.py --raw-weights.
 
     Args:
         parser: the script's parser, extended in place.
@@ -90,6 +90,10 @@ def add_common_args(parser: argparse.ArgumentParser, batch_size: int = 32,
     p.add_argument("--verbose", action="store_true",
                    help="when weights do not fit the model, list every key (default: the "
                         "architecture the file holds and the first keys)")
+    if not training:
+        p.add_argument("--raw-weights", action="store_true",
+                       help="a train.py checkpoint of an EMA run holds two sets of weights: "
+                            "use the raw ones instead of the EMA's")
     p.add_argument("--max-image-pixels", type=non_negative_int, default=None,
                    help="refuse images with more pixels than this (decompression-bomb guard); "
                         "0 = no limit; default Pillow's 89,478,485")
@@ -145,7 +149,8 @@ def print_load_notes(prog: str, report, verbose: bool = False) -> None:
     if report is None:
         return
     said = [str(report)] if verbose else report.notes + [
-        part for part in report.format.split(", ") if part.endswith("skipped")]
+        part for part in report.format.split(", ")
+        if part.endswith("skipped") or part.startswith(("EMA weights", "raw weights"))]
     for line in said:
         print(f"{prog}: weights: {printable(line)}", file=sys.stderr)
 

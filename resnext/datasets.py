@@ -19,7 +19,7 @@ from .images import _class_folders, list_class_folders, load_image
 
 __all__ = ["ClassFolderDataset", "AnnotationFileDataset", "UnpaddedDistributedSampler",
            "folder_class_mapping", "build_dataset", "SeededAugmentation", "EpochTaggedSampler",
-           "sample_seed", "BalancedDistributedSampler"]
+           "sample_seed", "BalancedDistributedSampler", "RepeatedAugmentationSampler"]
 
 
 class _LabelledImages(Dataset):
@@ -246,16 +246,18 @@ def build_dataset(root: str | os.PathLike, ann_file: str | os.PathLike | None = 
     return ClassFolderDataset(root, transform, class_to_idx=mapping, loader=loader)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
+def sample_seed(seed: int, epoch: int, index: int, repeat: int = 0) -> int:
     """The seed of one training sample's augmentation.
 
     Args:
-        seed: the run's --seed; epoch: 0-based epoch; index: the sample's dataset index.
+        seed: the run's --seed; epoch: 0-based epoch; index: the sample's dataset index;
+        repeat: which copy of the sample under repeated augmentation (0: the only one).
     Returns:
-        A fixed mix of the three in [0, 2**63), distinct for distinct (epoch, index) pairs of
-        any realistic run (index < 2**31).
+        A fixed mix in [0, 2**63), distinct for distinct (epoch, index, repeat) of any
+        realistic run (index < 2**31); repeat 0 gives the plain (epoch, index) seed.
     """
-    return (seed * 1_000_003 + epoch) * 2_147_483_647 + index & (2**63 - 1)
+    mixed = (seed * 1_000_003 + epoch) * 2_147_483_647 + index & (2**63 - 1)
+    return mixed ^ (repeat * 0x9E3779B97F4A7C15 & (2**63 - 1))
 
 
 class SeededAugmentation(Dataset):
@@ -277,9 +279,10 @@ class SeededAugmentation(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
+    def __getitem__(self, key: tuple[int, int | tuple[int, int]]):
         epoch, index = key
-        seed = sample_seed(self.seed, epoch, index)
+        index, repeat = index if isinstance(index, tuple) else (index, 0)
+        seed = sample_seed(self.seed, epoch, index, repeat)
         torch.manual_seed(seed)
         random.seed(seed)
         return self.dataset[index]
@@ -340,6 +343,42 @@ class BalancedDistributedSampler(Sampler[int]):
         drawn = torch.multinomial(self.weights, self.per_rank * self.num_replicas,
                                   replacement=True, generator=generator)
         return iter(drawn[self.rank::self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+class RepeatedAugmentationSampler(Sampler[tuple[int, int]]):
+    """Repeated augmentation (Hoffer et al. 2020; torchvision references' RASampler): each
+    epoch's shuffled indices are repeated `repetitions` times in a row, then sharded across
+    ranks, so the copies of one image land on different ranks with different augmentations.
+
+    Yields (index, repeat) pairs, which SeededAugmentation seeds apart. An epoch keeps the
+    plain length, ceil(N / ranks) draws per rank; torchvision's sampler also rounds the epoch
+    down to a multiple of 256 images, which only matters for sets of a few hundred images.
+
+    Args:
+        dataset_len: N; num_replicas, rank: the process group's size and this rank;
+        seed: the run's --seed; repetitions: copies of each image (4 in torchvision's V2
+        recipe).
+    """
+
+    def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 repetitions: int = 4):
+        self.n, self.num_replicas, self.rank = dataset_len, num_replicas, rank
+        self.seed, self.repetitions, self.epoch = seed, repetitions, 0
+        self.per_rank = -(-dataset_len // num_replicas)  # ceil
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)  # as torchvision's
+        order = torch.randperm(self.n, generator=generator).tolist()
+        repeated = [(i, r) for i in order for r in range(self.repetitions)]
+        total = -(-len(repeated) // self.num_replicas) * self.num_replicas
+        repeated += repeated[:total - len(repeated)]  # pad so that every rank gets as many
+        return iter(repeated[self.rank:total:self.num_replicas][:self.per_rank])
 
     def __len__(self) -> int:
         return self.per_rank

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __all__ = ["ResNeXtError", "ImageReadError", "CheckpointError", "CheckpointNotFoundError",
            "CheckpointWriteError", "DownloadError", "DatasetError", "ConfigError",
-           "ResNeXtWarning"]
+           "MissingDependencyError", "ResNeXtWarning"]
 
 
 class ResNeXtError(Exception):
@@ -56,6 +56,11 @@ class DatasetError(ResNeXtError, ValueError):
 
 class ConfigError(ResNeXtError, ValueError):
     """An option value that cannot work: an unknown model name, an impossible size."""
+
+
+class MissingDependencyError(ResNeXtError, ImportError):
+    """An optional feature needs a package that is not installed (matplotlib for the
+    pictures, onnx/onnxruntime for ONNX export); the message says how to install it."""
 
 
 class ResNeXtWarning(UserWarning):

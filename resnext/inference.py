@@ -142,7 +142,8 @@ def load_for_inference(name: str | None, checkpoint: str | os.PathLike | None,
                        device: torch.device, *, amp: str | torch.dtype | None = None,
                        fuse: bool = False, channels_last: bool = True, compile: bool = False,
                        img_size: int | None = None, resize_size: int | None = None,
-                       verbose: bool = False, announce: bool = True) -> InferenceModel:
+                       verbose: bool = False, announce: bool = True,
+                       use_ema: bool = True) -> InferenceModel:
     """Build and load the model predict.py and evaluate.py use.
 
     Args:
@@ -157,13 +158,14 @@ def load_for_inference(name: str | None, checkpoint: str | os.PathLike | None,
             preprocessing gives (see weights.preprocessing_of).
         verbose: list every key when the weights do not fit the model.
         announce: warn (ResNeXtWarning) when an option falls back.
+        use_ema: a train.py checkpoint's EMA weights when it has them, else the raw ones.
     Returns:
         InferenceModel, its `load_report` set from the weights.
     Raises:
         The loader's errors (resnext.errors: CheckpointError, CheckpointNotFoundError,
         DownloadError, ConfigError).
     """
-    pretrained = read_checkpoint(checkpoint) if checkpoint else True
+    pretrained = read_checkpoint(checkpoint, use_ema=use_ema) if checkpoint else True
     model = get_model(name, pretrained=pretrained, verbose=verbose).to(device)
     preprocessing = model.preprocessing  # from the released table or the file's meta
     if img_size or resize_size:

@@ -17,7 +17,8 @@ from .datasets import sample_seed
 from .errors import ConfigError
 
 __all__ = ["NORM_CLASSES", "parameter_groups", "build_optimizer", "build_scheduler",
-           "BatchMixer", "with_lr_multipliers", "inverse_frequency_weights"]
+           "BatchMixer", "with_lr_multipliers", "inverse_frequency_weights", "ema_decay",
+           "ModelEMA", "unwrap", "PRESETS"]
 
 # Module types whose parameters count as normalisation (torchvision references'
 # utils.set_weight_decay default).
@@ -184,3 +185,61 @@ def inverse_frequency_weights(targets, num_classes: int) -> torch.Tensor:
     counts = torch.bincount(torch.as_tensor(list(targets)), minlength=num_classes).double()
     weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), 0.0)
     return weights.float()
+
+
+def ema_decay(decay: float, update_every: int, world_size: int, batch_size: int,
+              epochs: int) -> float:
+    """The per-update EMA decay torchvision's reference uses: the per-image decay `decay`
+    (0.99998 in the V2 recipe) adjusted for the images between updates and the run's length,
+    alpha = min(1, (1 - decay) x world_size x batch_size x update_every / epochs), decay =
+    1 - alpha (references/classification/train.py).
+
+    Args:
+        decay: the nominal decay; update_every: optimizer steps between updates;
+        world_size, batch_size: processes and images per process; epochs: the run's epochs.
+    Returns:
+        The decay applied at each update, in [0, 1).
+    """
+    alpha = min(1.0, (1.0 - decay) * world_size * batch_size * update_every / epochs)
+    return 1.0 - alpha
+
+
+class ModelEMA(torch.optim.swa_utils.AveragedModel):
+    """Exponential moving average of a model's parameters and buffers (BatchNorm statistics
+    too), torchvision's ExponentialMovingAverage: avg <- decay x avg + (1 - decay) x current;
+    the first update copies the model.
+
+    Args:
+        model: the (unwrapped) model to average; a deep copy is kept in `.module`.
+        decay: the per-update decay (ema_decay).
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        def average(averaged, current, num_averaged):
+            return decay * averaged + (1.0 - decay) * current
+
+        super().__init__(model, avg_fn=average, use_buffers=True)
+        self.decay = decay
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under torch.compile's and DDP's wrappers."""
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+#: Named recipes (train.py --recipe): flag defaults, overridden by explicit flags.
+#: 'torchvision-v2' is the command torchvision published for its IMAGENET1K_V2 ResNet-50 and
+#: ResNeXt weights (references/classification/README.md): 8 GPUs x 128, lr 0.5 for that
+#: total batch of 1024.
+PRESETS: dict[str, dict] = {
+    "mmpretrain": {},
+    "torchvision-v2": dict(
+        batch_size=128, lr=0.5, lr_reference_batch=1024, lr_scheduler="cosine",
+        warmup_epochs=5, warmup_lr_factor=0.01, epochs=600, auto_augment="ta_wide",
+        random_erase=0.1, label_smoothing=0.1, mixup_alpha=0.2, cutmix_alpha=1.0,
+        weight_decay=2e-5, norm_weight_decay=0.0, model_ema=True, model_ema_steps=32,
+        model_ema_decay=0.99998, train_crop_size=176, val_resize_size=232, val_crop_size=224,
+        ra_reps=4),
+}

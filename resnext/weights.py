@@ -280,7 +280,7 @@ def build_pretrained(name: str, depth: int, groups: int, width_per_group: int,
                      pretrained: bool | str | os.PathLike | Checkpoint, *,
                      num_classes: int | None = None, reset_head: bool = False,
                      dtype: torch.dtype | None = None, verbose: bool = False,
-                     **kwargs) -> ResNeXt:
+                     use_ema: bool = True, **kwargs) -> ResNeXt:
     """A ResNeXt of the given architecture holding a file's weights (the factories' and
     get_model's pretrained= path).
 
@@ -293,6 +293,7 @@ def build_pretrained(name: str, depth: int, groups: int, width_per_group: int,
         reset_head: leave the file's classifier out and start a new one (fine-tuning).
         dtype: the model's floating dtype; None: float32, whatever dtype the file holds.
         verbose: when the file does not fit, list every key.
+        use_ema: a train.py checkpoint's EMA weights when it has them (else the raw ones).
         **kwargs: ResNeXt's backbone options (out_indices, frozen_stages, norm_eval, ...).
     Returns:
         The model in train mode, with `weights_info` set.
@@ -309,7 +310,8 @@ def build_pretrained(name: str, depth: int, groups: int, width_per_group: int,
                               f"{', '.join(released)}); pass pretrained='path/or/url.pth'")
         release = RELEASED_WEIGHTS[name]
         pretrained = release.url
-    ckpt = pretrained if isinstance(pretrained, Checkpoint) else read_checkpoint(pretrained)
+    ckpt = (pretrained if isinstance(pretrained, Checkpoint) else
+            read_checkpoint(pretrained, use_ema=use_ema))
     if num_classes is None:
         num_classes = 1000 if reset_head else (_fc_out(ckpt.state_dict) or 0)
     with torch.device("meta"):
@@ -340,7 +342,8 @@ def get_model(name: str | None = None, pretrained: bool | str | os.PathLike | Ch
         name: see RELEASED_WEIGHTS and resnext.list_models(), or None (the file's model;
             resnext50_32x4d without a file).
         pretrained: False, True (released weights), a path/URL or a read Checkpoint.
-        **kwargs: forwarded to the factory (num_classes, reset_head, dtype, verbose, ...).
+        **kwargs: forwarded to the factory (num_classes, reset_head, dtype, verbose, ...);
+            use_ema=False takes a train.py checkpoint's raw weights instead of its EMA.
     Returns:
         The model, in eval mode when weights were loaded, with `weights_info` (class names,
         preprocessing, load report) set from the weights; float32 (or `dtype`) whatever the
@@ -353,7 +356,8 @@ def get_model(name: str | None = None, pretrained: bool | str | os.PathLike | Ch
     """
     arch: Arch | None = None
     if pretrained is not False and pretrained is not True and pretrained is not None:
-        ckpt = pretrained if isinstance(pretrained, Checkpoint) else read_checkpoint(pretrained)
+        ckpt = (pretrained if isinstance(pretrained, Checkpoint) else
+                read_checkpoint(pretrained, use_ema=kwargs.pop("use_ema", True)))
         arch = _detect_or_none(ckpt.state_dict)  # None: load_weights says what does not fit
         wanted = RELEASED_WEIGHTS[name].factory if name in RELEASED_WEIGHTS else name
         if wanted is None:

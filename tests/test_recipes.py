@@ -305,3 +305,178 @@ def test_pretrained_starts_from_the_released_file(tmp_path, monkeypatch, capsys)
     tuned = torch.load(tmp_path / "w" / "last.pth", weights_only=True)["state_dict"]
     assert torch.equal(tuned["layer4.2.conv3.weight"], model.layer4[2].conv3.weight)
     assert tuned["fc.weight"].shape == (3, 2048)
+
+
+# --- EMA, repeated augmentation, presets -----------------------------------------------------
+
+def test_ema_decay_is_torchvisions_adjusted_decay():
+    from resnext.recipes import ema_decay
+    # torchvision's V2 command: 8 GPUs x 128, EMA every 32 steps, decay 0.99998, 600 epochs:
+    # alpha = (1 - 0.99998) x 8 x 128 x 32 / 600 = 0.00109226..., decay = 1 - alpha.
+    assert ema_decay(0.99998, 32, 8, 128, 600) == pytest.approx(1 - 2e-5 * 8 * 128 * 32 / 600)
+    assert ema_decay(0.9, 32, 8, 128, 1) == 0.0  # alpha capped at 1: the EMA is the model
+
+
+def test_model_ema_averages_weights_and_bn_statistics_by_hand():
+    from resnext.recipes import ModelEMA
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = ModelEMA(model, decay=0.75)
+    history = []
+    for step in range(3):
+        with torch.no_grad():
+            model[0].weight.add_(step + 1.0)
+            model[1].running_mean.add_(2.0)
+        history.append((model[0].weight.clone(), model[1].running_mean.clone()))
+        ema.update_parameters(model)
+    (w0, m0), (w1, m1), (w2, m2) = history
+    want_w = 0.75 * (0.75 * w0 + 0.25 * w1) + 0.25 * w2  # the first update copies
+    want_m = 0.75 * (0.75 * m0 + 0.25 * m1) + 0.25 * m2
+    assert torch.allclose(ema.module[0].weight, want_w)
+    assert torch.allclose(ema.module[1].running_mean, want_m)
+    assert int(ema.n_averaged) == 3
+
+
+def test_repeated_augmentation_spreads_copies_over_ranks():
+    from resnext.datasets import RepeatedAugmentationSampler, SeededAugmentation
+    n, world, reps, seed, epoch = 40, 4, 4, 7, 2
+    shards = []
+    for rank in range(world):
+        sampler = RepeatedAugmentationSampler(n, world, rank, seed, reps)
+        sampler.set_epoch(epoch)
+        shards.append(list(sampler))
+    assert all(len(s) == n // world for s in shards)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    # Hand rule: the first n / reps images of the epoch's permutation, each on every rank once.
+    for image in order[:n // reps]:
+        holders = sorted((rank, r) for rank, s in enumerate(shards) for i, r in s if i == image)
+        assert [rank for rank, _ in holders] == list(range(world))
+        assert sorted(r for _, r in holders) == list(range(reps))
+    # Copies of one image get different augmentations, one copy always the same.
+    draws = SeededAugmentation(_RandomDataset(), seed)
+    assert draws[(epoch, (5, 0))] == draws[(epoch, (5, 0))] == draws[(epoch, 5)]
+    assert draws[(epoch, (5, 1))] != draws[(epoch, (5, 0))]
+
+
+class _RandomDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        return torch.rand(1).item()  # what a random crop would draw
+
+
+def test_torchvision_v2_preset_is_the_published_command_and_flags_override_it():
+    sys.path.insert(0, str(REPO))
+    import train
+    parser = train.get_args_parser()
+    args = parser.parse_args(["--data", "x", "--recipe", "torchvision-v2"])
+    # torchvision references/classification/README.md, ResNet-50 / ResNeXt V2 weights:
+    # --batch-size 128 --lr 0.5 --lr-scheduler cosineannealinglr --lr-warmup-epochs 5
+    # --lr-warmup-method linear --auto-augment ta_wide --epochs 600 --random-erase 0.1
+    # --weight-decay 0.00002 --norm-weight-decay 0.0 --label-smoothing 0.1 --mixup-alpha 0.2
+    # --cutmix-alpha 1.0 --train-crop-size 176 --model-ema --val-resize-size 232
+    # --ra-sampler --ra-reps 4 (8 GPUs; lr-warmup-decay 0.01, model-ema-steps 32,
+    # model-ema-decay 0.99998 by default)
+    published = dict(batch_size=128, lr=0.5, lr_scheduler="cosine", warmup_epochs=5,
+                     warmup_lr_factor=0.01, auto_augment="ta_wide", epochs=600,
+                     random_erase=0.1, weight_decay=2e-5, norm_weight_decay=0.0,
+                     label_smoothing=0.1, mixup_alpha=0.2, cutmix_alpha=1.0,
+                     train_crop_size=176, model_ema=True, val_resize_size=232, ra_reps=4,
+                     model_ema_steps=32, model_ema_decay=0.99998, momentum=0.9,
+                     optimizer="sgd", lr_reference_batch=8 * 128)
+    assert {k: getattr(args, k) for k in published} == published
+    mine = parser.parse_args(["--data", "x", "--lr", "0.2", "--recipe", "torchvision-v2",
+                              "--epochs", "10"])
+    assert (mine.lr, mine.epochs, mine.batch_size) == (0.2, 10, 128)  # explicit flags win
+    plain = parser.parse_args(["--data", "x"])  # the same parser: no preset left behind
+    assert (plain.lr, plain.epochs, plain.batch_size, plain.model_ema, plain.ra_reps) == (
+        0.1, 100, 32, False, 1)
+
+
+def _tiny_data(root, per_class=8, val=3):
+    for split, n in (("train", per_class), ("val", val)):
+        for name in ("ants", "bees"):
+            (root / split / name).mkdir(parents=True)
+            for photo in sorted((HYMENOPTERA / split / name).iterdir())[:n]:
+                shutil.copy(photo, root / split / name / photo.name)
+    return root
+
+
+@pytest.mark.slow
+def test_ema_runs_end_to_end_and_resumes_bitwise(tmp_path, capsys, monkeypatch):
+    import signal
+    data = _tiny_data(tmp_path / "data")
+    common = ["--data", data, "--img-size", "32", "--batch-size", "4", "--workers", "0",
+              "--lr", "0.05", "--seed", "3", "--deterministic", "--model-ema",
+              "--model-ema-steps", "1", "--model-ema-decay", "0.9", "--epochs", "2"]
+    _train_in_process(common + ["--work-dir", tmp_path / "straight"])
+    assert "EMA top-1" in capsys.readouterr().out
+    # The same run stopped after its first epoch (as SIGTERM would: after last.pth is
+    # written), then resumed: the EMA's decay depends on --epochs, which stays 2.
+    import train
+    line = train.epoch_line
+
+    def stop_after_first(record, epochs):
+        if record["epoch"] == 1:
+            raise train.Stopped(signal.SIGTERM)
+        return line(record, epochs)
+
+    monkeypatch.setattr(train, "epoch_line", stop_after_first)
+    with pytest.raises(train.Stopped):
+        _train_in_process(common + ["--work-dir", tmp_path / "resumed"])
+    monkeypatch.setattr(train, "epoch_line", line)
+    _train_in_process(common + ["--work-dir", tmp_path / "resumed", "--resume", "auto"])
+    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)
+    for part in ("state_dict",):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert all(torch.equal(a["ema"]["state_dict"][k], b["ema"]["state_dict"][k])
+               for k in a["ema"]["state_dict"])
+    assert a["ema"]["n_averaged"] == b["ema"]["n_averaged"] > 0
+    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text()
+           .splitlines()]
+    last = [r for r in log if r["type"] == "epoch"][-1]
+    assert "ema/accuracy/top1" in last and last["best_weights"] in ("ema", "raw")
+    # The loader takes the EMA weights of a train.py checkpoint unless asked for the raw.
+    path = tmp_path / "straight" / "last.pth"
+    ema_model = resnext.get_model(pretrained=str(path))
+    raw_model = resnext.get_model(pretrained=str(path), use_ema=False)
+    assert torch.equal(ema_model.fc.weight, a["ema"]["state_dict"]["fc.weight"])
+    assert torch.equal(raw_model.fc.weight, a["state_dict"]["fc.weight"])
+    assert "EMA weights used" in ema_model.weights_info.load_report.format
+    # evaluate.py on the checkpoint equals the log's validation of each set of weights.
+    import subprocess
+    for flag, key in (([], "ema/accuracy/top1"), (["--raw-weights"], "accuracy/top1")):
+        res = subprocess.run([sys.executable, "evaluate.py", "--data", str(data / "val"),
+                              "--checkpoint", str(path), "--json", "--workers", "0",
+                              "--batch-size", "4", *flag], cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert json.loads(res.stdout)["top1"] == pytest.approx(last[key]), flag
+        assert ("EMA weights used" in res.stderr) == (not flag)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["mmpretrain", "torchvision-v2"])
+def test_presets_run_under_torchrun(tmp_path, recipe):
+    import subprocess
+    data = _tiny_data(tmp_path / "data")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "train.py", "--data", str(data), "--work-dir", str(tmp_path / "w"), "--recipe",
+           recipe, "--epochs", "3", "--batch-size", "4", "--workers", "0",
+           "--img-size", "32"]
+    if recipe == "torchvision-v2":  # the preset at demo size: 3 epochs, 1 of warmup
+        cmd += ["--warmup-epochs", "1", "--train-crop-size", "32", "--val-resize-size", "40",
+                "--val-crop-size", "32", "--model-ema-steps", "1"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
+    header = log[0]["args"]
+    assert header["recipe"] == recipe and log[0]["world_size"] == 2
+    epochs = [r for r in log if r["type"] == "epoch"]
+    assert len(epochs) == 3 and epochs[-1]["val_images"] == 6
+    if recipe == "torchvision-v2":
+        assert header["label_smoothing"] == 0.1 and header["ra_reps"] == 4
+        assert "ema/accuracy/top1" in epochs[-1]
+    print(recipe, [(r["accuracy/top1"], r.get("ema/accuracy/top1")) for r in epochs])
