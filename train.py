@@ -42,7 +42,8 @@ from resnext.datasets import (BalancedDistributedSampler, EpochTaggedSampler,
                               RepeatedAugmentationSampler, SeededAugmentation, build_dataset)
 from resnext.distributed import cleanup_distributed, init_distributed
 from resnext import recipes
-from resnext.errors import CheckpointNotFoundError, ConfigError, DatasetError, ResNeXtError
+from resnext.errors import (CheckpointNotFoundError, ConfigError, DatasetError,
+                            MissingDependencyError, ResNeXtError)
 from resnext.evaluation import build_loader, count_topk, evaluate, topk_for
 from resnext.images import load_image, pixel_limit_worker_init, set_max_image_pixels
 from resnext.inference import InferenceModel
@@ -111,6 +112,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "random crops/flips; resnext.transforms.FastTrainTransform)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes "
                    "(the recipe uses per-process BN)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write log.jsonl's scalars (loss, lr, top-1/top-k, images/s) to "
+                        "work-dir/tensorboard (needs: pip install -e \".[tensorboard]\")")
     p.add_argument("--dist-timeout", type=float, default=1800,
                    help="seconds before a collective waiting on a dead peer fails")
     p.add_argument("--local-rank", "--local_rank", type=int, default=None,
@@ -537,15 +541,45 @@ def wrap_ddp(model, device: torch.device):
 # --- setup ------------------------------------------------------------------------------------
 
 class JsonLog:
-    """Appends one JSON record per line to `path` (global rank 0 only)."""
+    """Appends one JSON record per line to `path` (global rank 0 only) and, with a
+    TensorBoard writer, the same scalars there: interval records at their global step
+    ('train/loss', 'train/lr', 'train/images_per_s'), epoch records at the epoch
+    ('epoch/<key>' for the losses, top-1/top-k, EMA top-1, lr and images/s)."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, tensorboard=None):
+        self.path, self.enabled, self.writer = path, enabled, tensorboard
 
     def __call__(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is None or record.get("type") not in ("train", "epoch"):
+            return
+        step = record["step"] if record["type"] == "train" else record["epoch"]
+        prefix = "train/" if record["type"] == "train" else "epoch/"
+        for key, value in record.items():
+            if key not in ("type", "epoch", "iter", "step") and isinstance(value, (int, float)):
+                self.writer.add_scalar(prefix + key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def tensorboard_writer():
+    """torch.utils.tensorboard's SummaryWriter class, imported on every rank before any work.
+
+    Raises:
+        MissingDependencyError (an ImportError): the tensorboard package is missing.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise MissingDependencyError('--tensorboard needs the tensorboard package: pip install '
+                                     '-e ".[tensorboard]" (or pip install tensorboard)') from None
+    return SummaryWriter
 
 
 def prepare_work_dir(args, work_dir: Path, is_main: bool, world_size: int = 1) -> str | None:
@@ -751,10 +785,13 @@ def main(args: argparse.Namespace) -> dict:
     args.model = args.model or "resnext50_32x4d"
     resolve_recipe(args)
     work_dir = Path(args.work_dir or Path("work_dirs") / args.model)
+    summary_writer = tensorboard_writer() if args.tensorboard else None  # fails before work
     log = JsonLog(work_dir / "log.jsonl", enabled=is_main)
 
     try:
         resume = prepare_work_dir(args, work_dir, is_main, world_size)
+        if summary_writer is not None and is_main:
+            log.writer = summary_writer(str(work_dir / "tensorboard"))
 
         # --- data --------------------------------------------------------------------------
         train_ds, val_ds, classes, preprocessing = build_datasets(
@@ -849,6 +886,7 @@ def main(args: argparse.Namespace) -> dict:
             print(final_line(work_dir, best_top1, best_epoch, start_epoch, args.epochs))
         return {"best_top1": best_top1, **result}
     finally:
+        log.close()
         cleanup_distributed()
 
 

@@ -131,6 +131,7 @@ def _train(model, batches, fused: bool, poisoned_step: int | None = None,
     return model, scaler.get_scale()
 
 
+@pytest.mark.slow
 def test_fused_sgd_under_grad_scaler_equals_unfused_and_skips_overflow():
     torch.manual_seed(0)
     model = ResNeXt(50, groups=2, width_per_group=4, num_classes=2)

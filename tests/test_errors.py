@@ -100,6 +100,7 @@ def test_output_paths_are_checked_before_the_work(tmp_path):
         check_output_path(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,args", [
     ("evaluate.py", ["--data", "tests/data", "--out", "README.md/preds.json"]),
     ("predict.py", [str(DEMO / "bird.JPEG"), "--json", "README.md/x.json"]),

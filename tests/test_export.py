@@ -66,6 +66,7 @@ def test_meta_says_what_the_file_takes(model, checkpoint_at_64):
         export_meta(model, "tflite")
 
 
+@pytest.mark.slow
 def test_torchscript_round_trip(model, photos, tmp_path):
     meta = export_meta(model, "torchscript", False, "x.pth")
     export_torchscript(model, tmp_path / "m.torchscript.pt", meta)
@@ -80,6 +81,7 @@ def test_torchscript_round_trip(model, photos, tmp_path):
         _close(torch.cat([loaded(x[None]) for x in photos]), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_exported_program_round_trip(model, photos, tmp_path, dynamic):
     path = tmp_path / "m.pt2"
@@ -99,6 +101,7 @@ def test_exported_program_round_trip(model, photos, tmp_path, dynamic):
                 loaded(photos[:3])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_onnx_round_trip(model, photos, tmp_path, dynamic):
     ort = pytest.importorskip("onnxruntime")
@@ -199,6 +202,7 @@ def decisive_checkpoint(tmp_path_factory):
 INT8_MIN_AGREEMENT = 0.9  # measured: 32 of 33 val photos (docs/export.md)
 
 
+@pytest.mark.slow
 def test_int8_agrees_with_fp32_and_is_smaller(decisive_checkpoint, tmp_path):
     model = resnext.get_model(pretrained=str(decisive_checkpoint))
     pre = model.preprocessing
@@ -258,6 +262,7 @@ def test_script_check_fails_with_status_1(checkpoint_at_64, tmp_path, capsys):
     assert meta["source"] == str(checkpoint_at_64) and meta["class_names"] == NAMES
 
 
+@pytest.mark.slow
 def test_import_resnext_export_imports_no_onnx():
     code = ("import sys, resnext, resnext.export\n"
             "bad = [m for m in ('onnx', 'onnxruntime', 'torchvision') if m in sys.modules]\n"

@@ -255,6 +255,7 @@ def torch_load(path):
 
 # --- file-system faults -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_old_one(tmp_path):
     import torch
     path = resnext.save_checkpoint({"epoch": 1, "w": torch.zeros(10)}, tmp_path / "last.pth")
@@ -326,6 +327,7 @@ def test_annotation_label_beyond_the_model_names_file_line_and_count(tmp_path):
     assert len(build_dataset(tmp_path, ann, num_classes=3)) == 2
 
 
+@pytest.mark.slow
 def test_spawned_loader_workers_keep_the_pixel_limit(tmp_path):
     from torch.utils.data import DataLoader
     from resnext.datasets import ClassFolderDataset
@@ -464,6 +466,7 @@ def test_resume_auto_is_decided_by_rank_zero(tmp_path):
                              1: str(tmp_path / "node0" / "last.pth")}
 
 
+@pytest.mark.slow
 def test_per_image_predictions_copy_each_batch_once():
     # Every int()/float() of a device tensor is a host synchronisation (aten's
     # _local_scalar_dense); per-image results must come from one copy per batch.

@@ -336,6 +336,7 @@ def test_without_matplotlib_one_line_says_how_to_install(tmp_path, monkeypatch, 
     assert not (tmp_path / "confusion.png").exists() and not (tmp_path / "curves.png").exists()
 
 
+@pytest.mark.slow
 def test_import_resnext_does_not_import_matplotlib():
     code = ("import sys, resnext, resnext.plot, resnext.cam\n"
             "assert 'matplotlib' not in sys.modules, 'matplotlib imported'\n")

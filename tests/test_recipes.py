@@ -480,3 +480,38 @@ def test_presets_run_under_torchrun(tmp_path, recipe):
         assert header["label_smoothing"] == 0.1 and header["ra_reps"] == 4
         assert "ema/accuracy/top1" in epochs[-1]
     print(recipe, [(r["accuracy/top1"], r.get("ema/accuracy/top1")) for r in epochs])
+
+
+# --- TensorBoard -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tensorboard_holds_the_logs_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    data = _tiny_data(tmp_path / "data")
+    work = tmp_path / "w"
+    _train_in_process(["--data", data, "--img-size", "32", "--batch-size", "4", "--workers",
+                       "0", "--epochs", "2", "--log-interval", "2", "--work-dir", work,
+                       "--tensorboard"])
+    events = EventAccumulator(str(work / "tensorboard"))
+    events.Reload()  # TensorBoard's own reader: an independent read of what was written
+    records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    epochs = [r for r in records if r["type"] == "epoch"]
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [r["step"] for r in train]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in train], rel=1e-6)
+    top1 = events.Scalars("epoch/accuracy/top1")
+    assert [(e.step, e.value) for e in top1] == [
+        (r["epoch"], pytest.approx(r["accuracy/top1"], rel=1e-6)) for r in epochs]
+    assert {"epoch/train_loss", "epoch/val_loss", "epoch/lr", "epoch/images_per_s",
+            "train/lr"} <= set(events.Tags()["scalars"])
+
+
+def test_tensorboard_missing_is_one_line(monkeypatch):
+    sys.path.insert(0, str(REPO))
+    import train
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(resnext.errors.MissingDependencyError, match=r'pip install -e "\.\['
+                       r'tensorboard\]"'):
+        train.tensorboard_writer()
