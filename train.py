@@ -51,7 +51,7 @@ from resnext.recipes import BatchMixer, ModelEMA, ema_decay, parameter_groups, u
 from resnext.runtime import (amp_name, autocast, fit_loader_to_shared_memory, maybe_compile,
                              resolve_amp, select_kernels)
 from resnext.transforms import FastTrainTransform, Normalize, Preprocessing, train_transform
-from resnext.weights import RELEASED_WEIGHTS, get_model, load_weights
+from resnext.weights import RELEASED_WEIGHTS, get_model, list_weights, load_weights
 
 
 class RecipeParser(argparse.ArgumentParser):
@@ -216,9 +216,10 @@ def resolve_recipe(args: argparse.Namespace) -> None:
             raise ConfigError("--pretrained and --load-from both give initial weights: pick one")
         release = RELEASED_WEIGHTS.get(args.model)
         if release is None:
-            raise ConfigError(f"--pretrained: {args.model} has no released weights (released: "
-                              f"{', '.join(sorted({r.factory for r in RELEASED_WEIGHTS.values()}))}"
-                              f"); use --load-from FILE")
+            known = ", ".join(r.name for r in list_weights(args.model)) or "none"
+            raise ConfigError(f"--pretrained: {args.model} has no released weights of its "
+                              f"own name (published for it: {known}; give --model one of "
+                              f"those); or use --load-from FILE")
         args.load_from = release.url
 
 

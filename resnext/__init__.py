@@ -17,14 +17,15 @@ from .model import (Bottleneck, ResNeXt, list_models, resnext50_32x4d, resnext10
 from .transforms import (IMAGENET_MEAN, IMAGENET_STD, FastTrainTransform, Normalize,
                          Preprocessing, eval_transform, train_transform)
 from .weights import (RELEASED_WEIGHTS, LoadReport, ReleasedWeights, WeightsInfo, get_model,
-                      load_weights, preprocessing_of)
+                      list_weights, load_weights, preprocessing_of)
 
 __all__ = [
     "Bottleneck", "ResNeXt", "list_models",
     "resnext50_32x4d", "resnext101_32x4d", "resnext101_32x8d", "resnext152_32x4d",
     "resnext101_64x4d",
     "Complexity", "get_complexity",
-    "RELEASED_WEIGHTS", "ReleasedWeights", "WeightsInfo", "get_model", "preprocessing_of",
+    "RELEASED_WEIGHTS", "ReleasedWeights", "WeightsInfo", "get_model", "list_weights",
+    "preprocessing_of",
     "Checkpoint", "LoadReport", "read_checkpoint", "convert_state_dict", "detect_architecture",
     "load_weights", "download_weights", "export_openmmlab", "save_checkpoint",
     "IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "load_image", "eval_transform",

@@ -300,8 +300,8 @@ class ResNeXt(nn.Module):
 
 # Factories: one per released depth/cardinality/width ------------------------------------
 
-def _build(name: str, arch: dict, pretrained, num_classes: int | None, reset_head: bool,
-           dtype: torch.dtype | None, verbose: bool, kwargs: dict) -> ResNeXt:
+def _build(name: str, arch: dict, pretrained, weights: str | None, num_classes: int | None,
+           reset_head: bool, dtype: torch.dtype | None, verbose: bool, kwargs: dict) -> ResNeXt:
     for key, value in arch.items():
         if key in kwargs and kwargs[key] != value:
             raise ValueError(f"{name} fixes {key}={value}; got {key}={kwargs[key]!r}. "
@@ -310,11 +310,11 @@ def _build(name: str, arch: dict, pretrained, num_classes: int | None, reset_hea
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32, "
                          f"got {dtype!r}")
-    if pretrained is not False and pretrained is not None:
+    if (pretrained is not False and pretrained is not None) or weights is not None:
         from .weights import build_pretrained  # lazy: only a build with weights reads files
         return build_pretrained(name, arch["depth"], arch["groups"], arch["width_per_group"],
                                 pretrained, num_classes=num_classes, reset_head=reset_head,
-                                dtype=dtype, verbose=verbose, **kwargs)
+                                dtype=dtype, verbose=verbose, weights=weights, **kwargs)
     if reset_head:
         raise ValueError("reset_head=True only makes sense with pretrained=")
     model = ResNeXt(**arch, num_classes=1000 if num_classes is None else num_classes, **kwargs)
@@ -322,9 +322,9 @@ def _build(name: str, arch: dict, pretrained, num_classes: int | None, reset_hea
 
 
 def resnext50_32x4d(*, pretrained: bool | str | os.PathLike = False,
-                    num_classes: int | None = None, reset_head: bool = False,
-                    dtype: torch.dtype | None = None, verbose: bool = False,
-                    **kwargs) -> ResNeXt:
+                    weights: str | None = None, num_classes: int | None = None,
+                    reset_head: bool = False, dtype: torch.dtype | None = None,
+                    verbose: bool = False, **kwargs) -> ResNeXt:
     """ResNeXt-50, cardinality 32, 4 channels per group (paper Table 1; mmpretrain config
     resnext50-32x4d_8xb32_in1k).
 
@@ -332,6 +332,8 @@ def resnext50_32x4d(*, pretrained: bool | str | os.PathLike = False,
         pretrained: False (random, mmpretrain's init), True (the released OpenMMLab weights,
             downloaded once into torch.hub's cache), or a path/URL of any supported
             checkpoint (resnext.checkpoint; a read Checkpoint works too).
+        weights: a published weight set instead, by registry name: 'tv2_in1k' (torchvision's
+            V2), 'tv_in1k', 'mmpretrain_in1k' (resnext.list_weights() lists them).
         num_classes: classifier outputs (0: none, forward gives pooled features). Default
             1000, or with pretrained= the file's classifier size.
         reset_head: with pretrained=, leave the file's classifier out and start a new
@@ -351,55 +353,55 @@ def resnext50_32x4d(*, pretrained: bool | str | os.PathLike = False,
             cannot be read or do not fit (see resnext.load_weights).
     """
     return _build("resnext50_32x4d", dict(depth=50, groups=32, width_per_group=4), pretrained,
-                  num_classes, reset_head, dtype, verbose, kwargs)
+                  weights, num_classes, reset_head, dtype, verbose, kwargs)
 
 
 def resnext101_32x4d(*, pretrained: bool | str | os.PathLike = False,
-                     num_classes: int | None = None, reset_head: bool = False,
-                     dtype: torch.dtype | None = None, verbose: bool = False,
-                     **kwargs) -> ResNeXt:
+                     weights: str | None = None, num_classes: int | None = None,
+                     reset_head: bool = False, dtype: torch.dtype | None = None,
+                     verbose: bool = False, **kwargs) -> ResNeXt:
     """ResNeXt-101 32x4d (mmpretrain resnext101-32x4d_8xb32_in1k); 44,177,704 parameters.
 
     Same arguments, returns and errors as resnext50_32x4d.
     """
     return _build("resnext101_32x4d", dict(depth=101, groups=32, width_per_group=4),
-                  pretrained, num_classes, reset_head, dtype, verbose, kwargs)
+                  pretrained, weights, num_classes, reset_head, dtype, verbose, kwargs)
 
 
 def resnext101_32x8d(*, pretrained: bool | str | os.PathLike = False,
-                     num_classes: int | None = None, reset_head: bool = False,
-                     dtype: torch.dtype | None = None, verbose: bool = False,
-                     **kwargs) -> ResNeXt:
+                     weights: str | None = None, num_classes: int | None = None,
+                     reset_head: bool = False, dtype: torch.dtype | None = None,
+                     verbose: bool = False, **kwargs) -> ResNeXt:
     """ResNeXt-101 32x8d (mmpretrain resnext101-32x8d_8xb32_in1k); 88,791,336 parameters.
 
     Same arguments, returns and errors as resnext50_32x4d.
     """
     return _build("resnext101_32x8d", dict(depth=101, groups=32, width_per_group=8),
-                  pretrained, num_classes, reset_head, dtype, verbose, kwargs)
+                  pretrained, weights, num_classes, reset_head, dtype, verbose, kwargs)
 
 
 def resnext152_32x4d(*, pretrained: bool | str | os.PathLike = False,
-                     num_classes: int | None = None, reset_head: bool = False,
-                     dtype: torch.dtype | None = None, verbose: bool = False,
-                     **kwargs) -> ResNeXt:
+                     weights: str | None = None, num_classes: int | None = None,
+                     reset_head: bool = False, dtype: torch.dtype | None = None,
+                     verbose: bool = False, **kwargs) -> ResNeXt:
     """ResNeXt-152 32x4d (mmpretrain resnext152-32x4d_8xb32_in1k); 59,951,400 parameters.
 
     Same arguments, returns and errors as resnext50_32x4d.
     """
     return _build("resnext152_32x4d", dict(depth=152, groups=32, width_per_group=4),
-                  pretrained, num_classes, reset_head, dtype, verbose, kwargs)
+                  pretrained, weights, num_classes, reset_head, dtype, verbose, kwargs)
 
 
 def resnext101_64x4d(*, pretrained: bool | str | os.PathLike = False,
-                     num_classes: int | None = None, reset_head: bool = False,
-                     dtype: torch.dtype | None = None, verbose: bool = False,
-                     **kwargs) -> ResNeXt:
+                     weights: str | None = None, num_classes: int | None = None,
+                     reset_head: bool = False, dtype: torch.dtype | None = None,
+                     verbose: bool = False, **kwargs) -> ResNeXt:
     """ResNeXt-101 64x4d (torchvision's builder; no OpenMMLab release); 83,455,272 parameters.
 
     Same arguments, returns and errors as resnext50_32x4d.
     """
     return _build("resnext101_64x4d", dict(depth=101, groups=64, width_per_group=4),
-                  pretrained, num_classes, reset_head, dtype, verbose, kwargs)
+                  pretrained, weights, num_classes, reset_head, dtype, verbose, kwargs)
 
 
 #: Factory name -> factory.

@@ -22,52 +22,19 @@ from .checkpoint import (Arch, Checkpoint, _classes_phrase, _detect_or_none, _li
 from .classes import imagenet_class_names
 from .errors import CheckpointError, ConfigError
 from .model import FACTORIES, ResNeXt
+from .releases import DEFAULT_TAG, RELEASES, ReleasedWeights, list_weights, match_release
 from .transforms import Preprocessing
 
-__all__ = ["ReleasedWeights", "RELEASED_WEIGHTS", "preprocessing_of", "LoadReport",
-           "WeightsInfo", "load_weights", "build_pretrained", "get_model"]
+__all__ = ["ReleasedWeights", "RELEASED_WEIGHTS", "list_weights", "preprocessing_of",
+           "LoadReport", "WeightsInfo", "load_weights", "build_pretrained", "get_model"]
 
 
-@dataclass(frozen=True)
-class ReleasedWeights:
-    """One released OpenMMLab checkpoint (mmpretrain configs/resnext/metafile.yml).
-
-    Attributes:
-        name: the seed's model name, e.g. 'resnext50-32x4d_8xb32_in1k'.
-        factory: our factory function's name, e.g. 'resnext50_32x4d'.
-        url: download address; the 8 hex digits before '.pth' are the SHA-256 prefix.
-        top1, top5: ImageNet-1k val accuracy (%) published for it.
-        preprocessing: the test pipeline it was evaluated with (mmpretrain
-            configs/_base_/datasets/imagenet_bs32_pil_resize.py: PIL bilinear resize of the
-            short side to 256, centre crop 224, mean/std (123.675, 116.28, 103.53) /
-            (58.395, 57.12, 57.375) on the 0-255 scale).
-    """
-    name: str
-    factory: str
-    url: str
-    top1: float
-    top5: float
-    preprocessing: Preprocessing = field(default_factory=Preprocessing)
-
-
-_BASE_URL = "https://download.openmmlab.com/mmclassification/v0/resnext/"
-_RELEASES = [
-    ReleasedWeights("resnext50-32x4d_8xb32_in1k", "resnext50_32x4d",
-                    _BASE_URL + "resnext50_32x4d_b32x8_imagenet_20210429-56066e27.pth",
-                    77.90, 93.66),
-    ReleasedWeights("resnext101-32x4d_8xb32_in1k", "resnext101_32x4d",
-                    _BASE_URL + "resnext101_32x4d_b32x8_imagenet_20210506-e0fa3dd5.pth",
-                    78.61, 94.17),
-    ReleasedWeights("resnext101-32x8d_8xb32_in1k", "resnext101_32x8d",
-                    _BASE_URL + "resnext101_32x8d_b32x8_imagenet_20210506-23a247d5.pth",
-                    79.27, 94.58),
-    ReleasedWeights("resnext152-32x4d_8xb32_in1k", "resnext152_32x4d",
-                    _BASE_URL + "resnext152_32x4d_b32x8_imagenet_20210524-927787be.pth",
-                    78.88, 94.33),
-]
-#: Released weights by seed name and by factory name (both spellings of each model).
+#: Published weights by registry name ('resnext50_32x4d.tv2_in1k'), by mmpretrain's name and,
+#: for the factories with an mmpretrain release, by factory name (the seed's default).
 RELEASED_WEIGHTS: dict[str, ReleasedWeights] = {
-    **{r.name: r for r in _RELEASES}, **{r.factory: r for r in _RELEASES}}
+    **{r.name: r for r in RELEASES},
+    **{alias: r for r in RELEASES for alias in r.aliases},
+    **{r.factory: r for r in RELEASES if r.name.endswith("." + DEFAULT_TAG)}}
 
 
 def preprocessing_of(source: Checkpoint | str | None) -> Preprocessing:
@@ -280,7 +247,8 @@ def build_pretrained(name: str, depth: int, groups: int, width_per_group: int,
                      pretrained: bool | str | os.PathLike | Checkpoint, *,
                      num_classes: int | None = None, reset_head: bool = False,
                      dtype: torch.dtype | None = None, verbose: bool = False,
-                     use_ema: bool = True, **kwargs) -> ResNeXt:
+                     use_ema: bool = True, weights: str | None = None,
+                     **kwargs) -> ResNeXt:
     """A ResNeXt of the given architecture holding a file's weights (the factories' and
     get_model's pretrained= path).
 
@@ -294,6 +262,8 @@ def build_pretrained(name: str, depth: int, groups: int, width_per_group: int,
         dtype: the model's floating dtype; None: float32, whatever dtype the file holds.
         verbose: when the file does not fit, list every key.
         use_ema: a train.py checkpoint's EMA weights when it has them (else the raw ones).
+        weights: a registry name ('tv2_in1k' or 'resnext50_32x4d.tv2_in1k'; list_weights()),
+            in place of pretrained.
         **kwargs: ResNeXt's backbone options (out_indices, frozen_stages, norm_eval, ...).
     Returns:
         The model in train mode, with `weights_info` set.
@@ -302,16 +272,12 @@ def build_pretrained(name: str, depth: int, groups: int, width_per_group: int,
         CheckpointError, CheckpointNotFoundError, DownloadError: see read_checkpoint and
             load_weights.
     """
-    release = None
-    if pretrained is True:
-        if name not in RELEASED_WEIGHTS:
-            released = sorted({r.factory for r in _RELEASES})
-            raise ConfigError(f"{name} has no released OpenMMLab weights (released: "
-                              f"{', '.join(released)}); pass pretrained='path/or/url.pth'")
-        release = RELEASED_WEIGHTS[name]
+    release = _release_for(name, pretrained, weights)
+    if release is not None:
         pretrained = release.url
     ckpt = (pretrained if isinstance(pretrained, Checkpoint) else
             read_checkpoint(pretrained, use_ema=use_ema))
+    release = release or match_release(ckpt.path)  # a known file keeps its preprocessing
     if num_classes is None:
         num_classes = 1000 if reset_head else (_fc_out(ckpt.state_dict) or 0)
     with torch.device("meta"):
@@ -321,9 +287,42 @@ def build_pretrained(name: str, depth: int, groups: int, width_per_group: int,
     load_weights(model, ckpt, reset_head=reset_head, verbose=verbose)
     _materialize_rest(model)
     if release is not None:
-        model.weights_info = replace(model.weights_info, preprocessing=release.preprocessing,
-                                     release=release.name)
+        info = model.weights_info
+        p = release.preprocessing
+        info.load_report.notes.append(f"the registry's {release.name} (resize {p.resize_size}, "
+                                      f"crop {p.crop_size})")
+        names = release.class_names if not reset_head else None
+        model.weights_info = replace(info, preprocessing=p, release=release.name,
+                                     class_names=tuple(names) if names else info.class_names)
     return model
+
+
+def _release_for(name: str, pretrained, weights: str | None = None) -> ReleasedWeights | None:
+    """The registry entry `pretrained` or `weights` names: True (the factory's default), an
+    entry, or a registry name; None for a file.
+
+    Raises:
+        ConfigError (a ValueError): an unknown name, no default entry, or an entry of another
+            architecture.
+    """
+    if weights is not None:
+        key = weights if "." in weights else f"{name}.{weights}"
+        if key not in RELEASED_WEIGHTS:
+            known = ", ".join(r.name for r in list_weights(name)) or "none"
+            raise ConfigError(f"unknown weights {weights!r} for {name}; published: {known}")
+        pretrained = RELEASED_WEIGHTS[key]
+    if pretrained is True:
+        if name not in RELEASED_WEIGHTS:
+            known = ", ".join(r.name for r in list_weights(name)) or "none"
+            raise ConfigError(f"{name} has no released OpenMMLab weights, the default of "
+                              f"pretrained=True (published for it: {known}); pass weights= "
+                              f"one of those, or pretrained=<path or URL>")
+        return RELEASED_WEIGHTS[name]
+    release = pretrained if isinstance(pretrained, ReleasedWeights) else (
+        RELEASED_WEIGHTS.get(pretrained) if isinstance(pretrained, str) else None)
+    if release is not None and release.factory != name:
+        raise ConfigError(f"{release.name} holds {release.factory} weights, not {name}")
+    return release
 
 
 def get_model(name: str | None = None, pretrained: bool | str | os.PathLike | Checkpoint = False,
@@ -355,7 +354,11 @@ def get_model(name: str | None = None, pretrained: bool | str | os.PathLike | Ch
         CheckpointNotFoundError, DownloadError: see read_checkpoint.
     """
     arch: Arch | None = None
-    if pretrained is not False and pretrained is not True and pretrained is not None:
+    if isinstance(pretrained, str) and pretrained in RELEASED_WEIGHTS:
+        pretrained = RELEASED_WEIGHTS[pretrained]  # a registry name, not a file
+        name = name or pretrained.factory
+    if (pretrained is not False and pretrained is not True and pretrained is not None
+            and not isinstance(pretrained, ReleasedWeights)):
         ckpt = (pretrained if isinstance(pretrained, Checkpoint) else
                 read_checkpoint(pretrained, use_ema=kwargs.pop("use_ema", True)))
         arch = _detect_or_none(ckpt.state_dict)  # None: load_weights says what does not fit
@@ -370,6 +373,8 @@ def get_model(name: str | None = None, pretrained: bool | str | os.PathLike | Ch
         pretrained = ckpt
     name = name or "resnext50_32x4d"
     factory_name = RELEASED_WEIGHTS[name].factory if name in RELEASED_WEIGHTS else name
+    if pretrained is True and "." in name and name in RELEASED_WEIGHTS:
+        pretrained = RELEASED_WEIGHTS[name]  # a registry name: that entry, not the default
     if factory_name in FACTORIES:
         model = FACTORIES[factory_name](pretrained=pretrained, **kwargs)
     elif arch is not None and name == arch.name:  # e.g. a ResNet-50 file: no factory of its own
