@@ -13,7 +13,7 @@ import torch
 
 from .errors import CheckpointError, DownloadError
 
-__all__ = ["download_weights", "is_url"]
+__all__ = ["download_weights", "is_url", "sha256_of"]
 
 # torch.hub's convention: '<name>-<first hex digits of sha256>.<ext>'.
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
@@ -24,7 +24,8 @@ def is_url(source: str | os.PathLike) -> bool:
     return isinstance(source, str) and urlparse(source).scheme in ("http", "https", "file")
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256 as hex, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -73,7 +74,7 @@ def download_weights(url: str, progress: bool = True) -> Path:
         except RuntimeError as e:  # torch.hub's hash check; it has removed the partial file
             raise DownloadError(f"{url}: downloaded file failed its SHA-256 check: {e}") from None
     elif expected is not None:
-        digest = _sha256(cached)
+        digest = sha256_of(cached)
         if not digest.startswith(expected):
             raise DownloadError(f"cached file {cached} has SHA-256 {digest[:16]}..., which does "
                                 f"not start with {expected} as its name says; delete it to "

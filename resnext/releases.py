@@ -12,12 +12,12 @@ releases, the default of pretrained=True), `tv_in1k` (torchvision IMAGENET1K_V1)
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .classes import imagenet_class_names
+from .hub import sha256_of
 from .transforms import Preprocessing
 
 __all__ = ["ReleasedWeights", "RELEASES", "DEFAULT_TAG", "list_weights", "match_release"]
@@ -106,14 +106,6 @@ def list_weights(factory: str | None = None) -> list[ReleasedWeights]:
     return sorted((r for r in RELEASES if factory in (None, r.factory)), key=lambda r: r.name)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def match_release(path: str | os.PathLike,
                   releases: list[ReleasedWeights] | None = None) -> ReleasedWeights | None:
     """The registry entry a local file is, by its name (a torch.hub cache keeps the URL's file
@@ -132,7 +124,7 @@ def match_release(path: str | os.PathLike,
                   if r.file_size_mb is not None and abs(r.file_size_mb - size_mb) <= 0.5]
     if not candidates:
         return None
-    digest = _sha256(path)
+    digest = sha256_of(path)
     for release in candidates:
         prefix = release.file_name.rsplit("-", 1)[-1].split(".")[0]
         if digest.startswith(prefix):

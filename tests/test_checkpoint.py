@@ -100,6 +100,7 @@ def make_mmpretrain_1x(sd, path):
     return globals_needed
 
 
+@pytest.mark.slow
 def test_every_format_loads_to_identical_logits(reference, tmp_path):
     model, x, expected = reference
     sd = model.state_dict()
@@ -231,6 +232,7 @@ def blank_state_dict(factory) -> dict:
     return {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_wrong_architecture_fails_listing_keys(tmp_path):
     # A 101 checkpoint into a 50: the extra blocks of layer3 are listed.
     big = blank_state_dict(resnext.resnext101_32x4d)

@@ -30,8 +30,9 @@ def test_torchvision_entries_are_torchvisions_facts():
             "bilinear": InterpolationMode.BILINEAR}[p.interpolation]
         assert list(p.mean) == transform.mean and list(p.std) == transform.std
         assert entry.class_names == enum.meta["categories"]
-        assert enum.meta["num_params"] == sum(
-            t.numel() for t in getattr(resnext, entry.factory)().parameters())
+        with torch.device("meta"):  # shapes only, no weights drawn
+            built = getattr(resnext, entry.factory)()
+        assert enum.meta["num_params"] == sum(t.numel() for t in built.parameters())
 
 
 def test_names_follow_one_scheme_and_the_default_stays_mmpretrain():
@@ -57,6 +58,7 @@ def _random_file(path):
     return model
 
 
+@pytest.mark.slow
 def test_a_known_file_keeps_its_preprocessing_by_name(tmp_path):
     hub = tmp_path / "hub" / "checkpoints"
     hub.mkdir(parents=True)
@@ -79,6 +81,7 @@ def test_a_known_file_keeps_its_preprocessing_by_name(tmp_path):
     assert plain.weights_info.release is None and plain.preprocessing.resize_size == 256
 
 
+@pytest.mark.slow
 def test_a_known_file_is_recognised_by_its_hash(tmp_path):
     path = tmp_path / "renamed.pth"
     _random_file(path)
@@ -92,6 +95,7 @@ def test_a_known_file_is_recognised_by_its_hash(tmp_path):
     assert releases.match_release(path, [wrong]) is None
 
 
+@pytest.mark.slow
 def test_weights_by_registry_name_in_every_entry_point(tmp_path, monkeypatch):
     path = tmp_path / "resnext50_32x4d-1a0047aa.pth"
     model = _random_file(path)
