@@ -135,7 +135,7 @@ def _ours_or_ema(raw: Any, sd: Mapping[str, Any], fmt: str, use_ema: bool,
     ours = raw.get("ema") if isinstance(raw, Mapping) and fmt.startswith("resnext") else None
     if not (isinstance(ours, Mapping) and isinstance(ours.get("state_dict"), Mapping)):
         return sd
-    notes.append("EMA weights used (the raw ones: use_ema=False, --raw-weights)" if use_ema
+    notes.append("EMA weights used (for the raw ones: use_ema=False or --raw-weights)" if use_ema
                  else "raw weights used (the file's EMA weights skipped)")
     return ours["state_dict"] if use_ema else sd
 
