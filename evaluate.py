@@ -5,11 +5,13 @@
     python evaluate.py --data /data/imagenet/val --ann-file /data/imagenet/meta/val.txt
     torchrun --standalone --nproc_per_node=8 evaluate.py --data /data/imagenet/val --checkpoint ...
     python evaluate.py --data /data/imagenet/val --checkpoint ... --report work_dirs/rx50/report
+    python evaluate.py --data /data/imagenet/val --checkpoint work_dirs/rx50/best.int8.torchscript.pt
 
 Layouts: class folders (wnid folders map to ImageNet indices; a train.py model's own class
 names are matched by name), or a folder plus an mmpretrain annotation file (`path label`).
 Preprocessing is the weights' own (train.py stores it in the checkpoint; else resize 256,
-centre crop 224, the released models'). Each image is counted
+centre crop 224, the released models'); a file export.py wrote runs on CPU with the
+preprocessing and classes stored in it (resnext.artifacts). Each image is counted
 exactly once, also under torchrun, and only rank 0 prints. The evaluation itself
 (resnext.evaluation.evaluate) is what train.py validates with. --report DIR adds per-class
 precision/recall/F1, the confusion matrix and the top confusions (resnext.report): a table on
@@ -25,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from resnext.artifacts import artifact_device
 from resnext.cli import (HelpFormatter, add_common_args, check_output_path, print_load_notes,
                          printable, run_cli)
 from resnext.datasets import build_dataset
@@ -46,7 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--ann-file", default=None, help="mmpretrain annotation file of "
                    "'relative/path label' lines")
     p.add_argument("--checkpoint", default=None, help="weights (path or URL, any supported "
-                   "format); default: the released OpenMMLab weights of --model")
+                   "format) or a file export.py wrote (run on CPU); default: the released "
+                   "OpenMMLab weights of --model")
     p.add_argument("--resize-size", type=int, default=None,
                    help="short side before cropping; default: the weights' (img-size/0.875)")
     p.add_argument("--fuse-bn", action="store_true",
@@ -112,7 +116,7 @@ def main(args: argparse.Namespace) -> dict:
     for path in outputs:
         if path:
             check_output_path(path)  # before the work, not after it
-    info = init_distributed(args.device)
+    info = init_distributed(artifact_device(args.checkpoint, args.device))
     select_kernels(args.deterministic)
     try:
         model = load_for_inference(args.model, args.checkpoint, info.device, amp=args.amp,

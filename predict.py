@@ -3,14 +3,17 @@
     python predict.py bird.JPEG                         # resnext50_32x4d, released weights
     python predict.py photos/ a.png --topk 3 --checkpoint work_dirs/rx50/best.pth --json
     python predict.py bird.JPEG --cam cams/               # + cams/bird_cam.png (Grad-CAM)
+    python predict.py bird.JPEG --checkpoint best.int8.torchscript.pt   # an export.py file
 
 Folders are walked for images (resnext.images.list_images: hidden entries skipped, symlinks
 followed). Images are prepared as the weights expect (the checkpoint's stored preprocessing,
-else resize 256 / crop 224). --cam DIR also writes, per image, the crop with the Grad-CAM
-heat map of its top class over it and the class and score written on it (DIR/<stem>_cam.png;
-resnext.cam). A file that cannot be read is reported on stderr with its path and reason; the
-others are still answered, and the exit status is then 1. Exit status 2: a usage or setup
-error (one line on stderr); 130: interrupted (answers so far kept).
+else resize 256 / crop 224). A local file export.py wrote (TorchScript, int8, ExportedProgram,
+ONNX) runs on CPU with the classes and preprocessing stored in it (resnext.artifacts). --cam DIR
+also writes, per image, the crop with the Grad-CAM heat map of its top class over it and the
+class and score written on it (DIR/<stem>_cam.png; resnext.cam). A file that cannot be read is
+reported on stderr with its path and reason; the others are still answered, and the exit status
+is then 1. Exit status 2: a usage or setup error (one line on stderr); 130: interrupted (answers
+so far kept).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from resnext.artifacts import ArtifactNet, artifact_device
 from resnext.cam import cam_file_names, grad_cam, overlay
 from resnext.cli import (EXIT_FAILED, HelpFormatter, add_common_args, check_output_path,
                          positive_int, print_load_notes, printable, run_cli)
@@ -43,7 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("--checkpoint", default=None, help="weights (path or URL, any supported "
-                   "format); default: the released OpenMMLab weights of --model")
+                   "format) or a file export.py wrote (run on CPU); default: the released "
+                   "OpenMMLab weights of --model")
     p.add_argument("--topk", type=positive_int, default=5,
                    help="classes to show (capped at the number of classes)")
     p.add_argument("--fuse-bn", action="store_true",
@@ -166,12 +171,17 @@ def main(args: argparse.Namespace) -> int:
         set_max_image_pixels(args.max_image_pixels)
     _check_json_target(args.json)
     _check_cam_target(args.cam)
-    model = load_for_inference(args.model, args.checkpoint, default_device(args.device),
+    device = default_device(artifact_device(args.checkpoint, args.device))
+    model = load_for_inference(args.model, args.checkpoint, device,
                                amp=args.amp, fuse=args.fuse_bn,
                                channels_last=args.channels_last, compile=args.compile,
                                img_size=args.img_size, verbose=args.verbose,
                                use_ema=not args.raw_weights)
     print_load_notes("predict.py", model.load_report, args.verbose)
+    if args.cam and isinstance(model.net, ArtifactNet):
+        raise ConfigError(f"--cam needs the network's gradients, which an exported file does "
+                          f"not give: pass the checkpoint {printable(args.checkpoint)} was "
+                          f"exported from")
     cam_net = cam_network(model, args) if args.cam else None
     paths, skipped = collect_paths(args.inputs)
     if skipped:

@@ -5,6 +5,8 @@
     python benchmarks/bench.py --sections pipeline coldstart --quick
     python benchmarks/bench.py --device cuda --compile --sections e2e inference --batch-sizes 256  # one H200, 8-10 min
     python benchmarks/bench.py --device cuda --compile --sections e2e --e2e-batches 32 --e2e-compile-modes reduce-overhead
+    python benchmarks/bench.py --sections export     # deployment files on CPU, about 3 minutes on 2 cores
+    python benchmarks/bench.py --sections export --quick --export-img-size 64   # smoke run
 
 Every number is a median over --repeats timed runs after --warmup untimed ones, and every
 "ratio" divides our images/second (or seconds, or bytes) by the reference's from this same
@@ -21,6 +23,10 @@ process, on this machine, right before or after. References:
                           evaluate.py's pipeline over 5 x that folder (50,000 JPEGs, as
                           ImageNet val) and its loader alone, against torchvision fp32
                           NCHW inference at the same batch
+  deployment files:       torchvision fp32 NCHW eager (inference mode) holding the same weights
+                          as the exported model, on CPU; each file (exported program,
+                          TorchScript, ONNX Runtime, int8 TorchScript) is written to a
+                          temporary folder and loaded back with resnext.export.load_artifact
 Our fast paths are the scripts' opt-in options: predict.py/evaluate.py --amp auto (--fuse-bn
 on CPU; channels_last is the default), train.py --amp auto (--compile) and --fast-decode.
 This is a benchmark, not a test: nothing here fails on a slow machine.
@@ -52,8 +58,13 @@ import resnext.runtime  # noqa: E402
 from resnext.datasets import (ClassFolderDataset, EpochTaggedSampler,  # noqa: E402
                               SeededAugmentation)
 from resnext.images import list_images, load_image  # noqa: E402
-from resnext.transforms import (FastTrainTransform, eval_transform,  # noqa: E402
-                                train_transform)
+from resnext.transforms import (FastTrainTransform, Preprocessing,  # noqa: E402
+                                eval_transform, train_transform)
+from resnext.errors import ConfigError, MissingDependencyError  # noqa: E402
+from resnext.export import (ONNX_INSTALL, compare, export_meta, export_onnx,  # noqa: E402
+                            export_program, export_torchscript, load_artifact, load_images,
+                            require_onnx)
+from resnext.quantize import int8_recipe, quantize_int8  # noqa: E402
 from resnext.inference import fuse_bn  # noqa: E402
 from resnext.runtime import (amp_name, autocast, compile_available, maybe_compile,  # noqa: E402
                              resolve_amp)
@@ -87,10 +98,16 @@ def get_args() -> argparse.Namespace:
                         "or the repository's tests/data (hymenoptera, imagenet_samples)")
     p.add_argument("--sections", nargs="+",
                    default=["inference", "train", "pipeline", "coldstart"],
-                   choices=["inference", "train", "pipeline", "coldstart", "e2e"],
-                   help="what to measure (e2e, train.py end to end, is meant for a GPU)")
+                   choices=["inference", "train", "pipeline", "coldstart", "e2e", "export"],
+                   help="what to measure (e2e, train.py end to end, is meant for a GPU; "
+                        "export: the deployment files, on CPU)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64],
                    help="inference batch sizes")
+    p.add_argument("--export-batch-sizes", type=int, nargs="+", default=[1, 16],
+                   help="batch sizes of the export section")
+    p.add_argument("--export-img-size", type=int, default=None,
+                   help="crop of the export section (default: the weights' own, 224 for "
+                        "random weights; smaller for a smoke run)")
     p.add_argument("--train-batch", type=int, default=None, help="default 16 CPU / 256 GPU")
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed runs (compiled variants get 10 more)")
@@ -762,6 +779,159 @@ def bench_e2e(args, device, save=lambda partial: None) -> dict:
     return out
 
 
+# --- 6. deployment files: exported program, TorchScript, ONNX Runtime, int8 ---------------------
+
+CALIBRATION_PHOTOS = 32  # int8 calibration photos, spread over the train listing
+CHECK_PHOTOS = 16        # photos of the file-vs-eager check, spread over the val listing
+
+
+def spread(paths: list, count: int) -> list:
+    """`count` of `paths` taken evenly over the whole listing (every class folder its share)."""
+    count = min(count, len(paths))
+    return [paths[i * len(paths) // count] for i in range(count)]
+
+
+def export_models(args) -> tuple:
+    """(ours, reference, source, preprocessing): our eval-mode model to export (--checkpoint's,
+    else random weights with randomised BN statistics: decisive logits for the check),
+    torchvision's resnext50_32x4d holding the same weights (the speed reference; random for
+    another architecture), where the weights came from, and the preprocessing
+    (--export-img-size overrides the crop)."""
+    if args.checkpoint:
+        ours, source = resnext.get_model(pretrained=args.checkpoint), args.checkpoint
+    else:
+        ours, source = resnext.resnext50_32x4d(), "random weights, randomised BN statistics"
+        randomize(ours, seed=0)
+    ours.eval()
+    reference = torchvision.models.resnext50_32x4d(num_classes=ours.num_classes).eval()
+    if ours.arch_name == "resnext50_32x4d":  # the same parameter names and shapes
+        reference.load_state_dict(ours.state_dict())
+    pre = ours.preprocessing or Preprocessing()
+    if args.export_img_size and args.export_img_size != pre.crop_size:
+        pre = Preprocessing(args.export_img_size)
+    return ours, reference, source, pre
+
+
+def artifact_meta(model, fmt: str, pre: Preprocessing, source, **extra) -> dict:
+    """export_meta's dict (dynamic batch) with `pre` as its preprocessing and input shape."""
+    meta = export_meta(model, fmt, dynamic_batch=True, source=source, **extra)
+    meta["preprocessing"] = pre.to_dict()
+    meta["input"]["shape"][2:] = [pre.crop_size, pre.crop_size]
+    return meta
+
+
+def write_artifacts(ours, pre: Preprocessing, source, calibration: list, folder: Path) -> list:
+    """Each deployment file written into `folder` and loaded back with load_artifact, as a
+    deployment would. Returns one dict per format: name, run (None when skipped), file_mib,
+    export_s, skipped (why, else None)."""
+    def onnx(path):
+        require_onnx()  # before the export: a missing package skips the row
+        export_onnx(ours, path, artifact_meta(ours, "onnx", pre, source), dynamic_batch=True)
+
+    def int8(path):
+        batches = (load_images(calibration[i:i + 16], pre)
+                   for i in range(0, len(calibration), 16))
+        quantization = dict(int8_recipe(), calibration_images=len(calibration))
+        export_torchscript(quantize_int8(ours, batches), path,
+                           artifact_meta(ours, "torchscript", pre, source,
+                                         quantization=quantization))
+
+    jobs = [("exported program (torch.export, dynamic batch)", "rx.pt2",
+             lambda path: export_program(ours, path, artifact_meta(
+                 ours, "exported-program", pre, source), dynamic_batch=True)),
+            ("TorchScript (trace + freeze)", "rx.torchscript.pt",
+             lambda path: export_torchscript(ours, path, artifact_meta(
+                 ours, "torchscript", pre, source))),
+            ("ONNX Runtime (opset 17, CPU provider)", "rx.onnx", onnx),
+            (f"int8 TorchScript (FX static x86, fp32 head, {len(calibration)} photos)",
+             "rx.int8.torchscript.pt", int8)]
+    out = []
+    for name, file, write in jobs:
+        path, start = folder / file, time.perf_counter()
+        try:
+            write(path)
+        except MissingDependencyError:
+            out.append({"name": name, "run": None, "skipped": f"skipped: {ONNX_INSTALL}"})
+        except ConfigError as error:  # e.g. a torch without the x86 quantized engine
+            out.append({"name": name, "run": None, "skipped": f"skipped: {error}"})
+        else:
+            seconds = time.perf_counter() - start
+            run, _ = load_artifact(path)
+            out.append({"name": name, "run": run, "file_mib": path.stat().st_size / 2**20,
+                        "export_s": seconds, "skipped": None})
+            print(f"  wrote {name}: {out[-1]['file_mib']:.1f} MiB in {seconds:.1f} s",
+                  flush=True)
+    return out
+
+
+def check_artifacts(ours, artifacts: list, photos: torch.Tensor) -> list[dict]:
+    """Each loaded file against the eager model on real photos, at batch 1 and 16
+    (resnext.export.compare): a speed row never hides a wrong file."""
+    sizes = tuple(sorted({1, min(16, len(photos))}))
+    out = []
+    for a in artifacts:
+        if a["run"] is not None:
+            c = compare(ours, a["run"], photos, batch_sizes=sizes)
+            print(f"  check {a['name']}: {c}", flush=True)
+            out.append({"name": a["name"], "images": c.images, "top1_agree": c.top1_agree,
+                        "max_abs_diff": c.max_abs_diff, "mean_abs_diff": c.mean_abs_diff,
+                        "relative_diff": c.relative_diff})
+    return out
+
+
+def time_artifacts(args, ours, reference, artifacts: list, crop: int) -> list[dict]:
+    """Images/s of torchvision's eager model (reference), ours eager and each loaded file,
+    interleaved at each --export-batch-sizes size on the same random batch."""
+    variants = [("torchvision fp32 NCHW eager (reference)", reference),
+                ("resnext fp32 NCHW eager (the exported model)", ours)]
+    variants += [(a["name"], a["run"]) for a in artifacts if a["run"] is not None]
+    results = []
+    for batch in args.export_batch_sizes:
+        print(f" batch {batch}")
+        x = torch.rand(batch, 3, crop, crop)
+
+        def step(fn, x=x):
+            with torch.inference_mode():
+                fn(x)
+
+        # TorchScript's profiling executor optimises the graph on its first calls.
+        seconds = interleaved_medians([lambda fn=fn: step(fn) for _, fn in variants],
+                                      torch.device("cpu"), max(2, args.warmup), args.repeats)
+        base = batch / seconds[0]
+        for (name, _), s in zip(variants, seconds):
+            results.append({"batch": batch, **row(name, batch / s, base)})
+        for a in artifacts:
+            if a["run"] is None:
+                print(f"  {a['name']:<52} {a['skipped']}")
+                results.append({"batch": batch, "name": a["name"], "skipped": a["skipped"]})
+    return results
+
+
+def bench_export(args, device) -> dict:
+    """Deployment files (resnext.export), each loaded back with load_artifact, against
+    torchvision's fp32 NCHW eager model with the same weights, on CPU (where load_artifact
+    runs them); int8 calibrated on --data's hymenoptera train photos."""
+    if device.type != "cpu":
+        print(f"Export: the files run on CPU (load_artifact), not on {device}")
+    ours, reference, source, pre = export_models(args)
+    root = data_folder(args.data, "hymenoptera_data")
+    calibration = spread(list_images(root / "train"), CALIBRATION_PHOTOS)
+    check = spread(list_images(root / "val"), CHECK_PHOTOS)
+    crop, shown = pre.crop_size, os.path.relpath(root, Path.cwd())
+    print(f"Deployment files, {ours.arch_name}, {crop}x{crop}, CPU "
+          f"({torch.get_num_threads()} threads), loaded back with load_artifact, images/s "
+          f"(ratio vs torchvision fp32 NCHW eager, same weights); {source}; int8 calibrated "
+          f"on {len(calibration)} photos of {shown}/train, checked on {len(check)} of "
+          f"{shown}/val")
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = write_artifacts(ours, pre, args.checkpoint, calibration, Path(tmp))
+        checks = check_artifacts(ours, artifacts, load_images(check, pre))
+        results = time_artifacts(args, ours, reference, artifacts, crop)
+    files = [{k: v for k, v in a.items() if k != "run"} for a in artifacts]
+    return {"img_size": crop, "weights": source, "calibration_images": len(calibration),
+            "files": files, "checks": checks, "results": results}
+
+
 def without_nan(value):
     """A missing figure (NaN) as JSON null: NaN is not JSON."""
     if isinstance(value, float) and value != value:
@@ -789,7 +959,10 @@ def main() -> None:
         args.batch_sizes = args.batch_sizes[:2]
     info = header(device)
     print(json.dumps(info))
-    results = {"header": info, "args": {k: str(v) for k, v in vars(args).items()}}
+    # Paths as seen from the repository, so the record names no machine's folders.
+    shown = {k: os.path.relpath(v, REPO) if isinstance(v, Path) or k == "json" else str(v)
+             for k, v in vars(args).items()}
+    results = {"header": info, "args": shown}
 
     def save(section: str, partial) -> None:  # after every section: a cut-short run keeps it
         results[section] = partial
@@ -807,6 +980,8 @@ def main() -> None:
         save("coldstart", bench_coldstart(args))
     if "e2e" in args.sections:
         save("e2e", bench_e2e(args, device, save=lambda partial: save("e2e", partial)))
+    if "export" in args.sections:
+        save("export", bench_export(args, device))
     print(f"wrote {args.json}")
 
 

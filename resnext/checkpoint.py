@@ -14,12 +14,11 @@ Supported inputs (all read with map_location='cpu' and weights-only unpickling):
     `ema_state_dict`): the main keys are loaded, the copy skipped and named in the format;
   * tensors of any floating dtype (float16/bfloat16 exports, float64): load_weights casts
     them to the model's dtype, so a model built from a file is float32 unless asked otherwise;
-  * numpy arrays instead of tensors (`{k: ndarray}` exporters): numpy's pickle globals are
-    bound to stand-ins that rebuild the array from its bytes as a tensor, without numpy.
-detect_architecture tells from keys and shapes which model a state dict holds, so a file of
-another architecture is named in one line and get_model(pretrained=file) can build it.
-Anything else is a CheckpointError (a ValueError) naming the file; a pickle that wants to
-run code is refused.
+  * numpy arrays instead of tensors: numpy's pickle globals are bound to stand-ins that
+    rebuild the array from its bytes as a tensor, without numpy.
+detect_architecture tells from keys and shapes which model a state dict holds. Anything else
+is a CheckpointError naming the file (an exported file is named as such); a pickle that
+wants to run code is refused.
 """
 from __future__ import annotations
 
@@ -36,6 +35,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .artifacts import artifact_format
 from .errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
 from .hub import download_weights, is_url
 from .model import STAGE_BLOCKS, ResNeXt
@@ -62,6 +62,9 @@ def _read_raw(path: Path) -> Any:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint; was its "
                               f"download or save interrupted?")
+    if exported := artifact_format(path):
+        raise CheckpointError(f"{path}: an exported model ({exported}), not weights: predict.py "
+                              f"and evaluate.py run it, the rest needs its checkpoint")
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -434,11 +437,8 @@ def export_openmmlab(model: nn.Module, path: str | os.PathLike,
     `preprocessing` as a plain dict (mmpretrain ignores it; read_checkpoint restores it), so
     the round trip gives the original tensors and preprocessing.
 
-    Args:
-        model: a ResNeXt; path: output file (written atomically); classes: class names,
-            default model.class_names.
-    Returns:
-        The path written.
+    Args: model (a ResNeXt), path (written atomically), classes (default model.class_names).
+    Returns the path written.
     """
     classes = list(classes if classes is not None else getattr(model, "class_names", None) or [])
     state_dict = {(f"head.{k}" if k.startswith("fc.") else f"backbone.{k}"): v.detach().cpu()

@@ -1,6 +1,6 @@
 """Export for deployment: TorchScript, torch.export's ExportedProgram and ONNX files that carry
-their class names and preprocessing, int8 post-training static quantization for CPU, and the
-check of an exported file against the eager model on real photos.
+their class names and preprocessing, and the check of an exported file against the eager
+model on real photos (int8 quantization: resnext.quantize, re-exported here).
 
 Every file takes (N, 3, crop, crop) float32 NCHW images, prepared with the weights' own
 preprocessing (the file's meta['preprocessing']: resize, centre crop, mean/std), and returns
@@ -12,12 +12,10 @@ preprocessing (the file's meta['preprocessing']: resize, centre crop, mean/std),
 load_artifact reads any of them back with the format's own loader.
 
 onnx and onnxruntime are optional (pip install -e ".[onnx]") and imported inside functions,
-so `import resnext` never imports them. Quantization uses torch.ao.quantization's FX graph
-mode, which torch 2.14 still ships but deprecates (docs/export.md).
+so `import resnext` never imports them.
 """
 from __future__ import annotations
 
-import copy
 import importlib
 import io
 import json
@@ -25,22 +23,23 @@ import os
 import statistics
 import tempfile
 import time
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from .errors import ConfigError, MissingDependencyError
 from .images import load_image
+from .quantize import quantize_int8
+from .runtime import quiet_torch
 from .transforms import Preprocessing
 
 __all__ = ["FORMATS", "META_FILE", "ONNX_INSTALL", "require_onnx", "export_meta",
-           "export_torchscript", "export_onnx", "export_program", "load_artifact",
-           "quantize_int8", "Comparison", "compare", "images_per_second", "load_images"]
+           "write_atomically", "export_torchscript", "export_onnx", "export_program",
+           "load_artifact", "quantize_int8", "Comparison", "compare", "images_per_second",
+           "load_images"]
 
 #: Format name -> the default file suffix export.py gives it.
 FORMATS = {"torchscript": ".torchscript.pt", "exported-program": ".pt2", "onnx": ".onnx"}
@@ -50,23 +49,6 @@ META_FILE = "resnext.json"
 ONNX_INSTALL = 'pip install -e ".[onnx]"'
 ONNX_OPSET = 17  # ONNX Runtime 1.14+ runs it; every op of the network exists since opset 11
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-
-
-@contextmanager
-def _quiet_torch() -> Iterator[None]:
-    """Hide what torch 2.14 says on every call of the paths used here: torch.jit.* and the
-    TorchScript-based ONNX exporter are deprecated (FutureWarning/DeprecationWarning), so is
-    torch.ao.quantization, and its x86 observers warn once each about reduce_range. The
-    deprecations are documented in docs/export.md instead of repeated on every run."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.filterwarnings("ignore", message=r"(?s).*reduce_range will be deprecated")
-        warnings.filterwarnings("ignore", message=r"(?s).*quantized tensor creation functions")
-        # Tracing an int8 model reads its fixed input scale as a Python float: a constant.
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning,
-                                message="Converting a tensor to a Python float")
-        yield
 
 
 def require_onnx() -> None:
@@ -99,7 +81,8 @@ def export_meta(model: nn.Module, fmt: str, dynamic_batch: bool = False,
         fmt: a FORMATS key.
         dynamic_batch: whether the file takes any batch size (else exactly 1 image).
         source: where the weights came from (the checkpoint path), or None.
-        quantization: for an int8 model, how it was quantized (see export.py), else None.
+        quantization: for an int8 model, how it was quantized (resnext.quantize.int8_recipe),
+            else None.
     Returns:
         {'format', 'model', 'num_classes', 'class_names' (list or None), 'preprocessing'
          (Preprocessing.to_dict()), 'input': {'name', 'shape', 'dtype', 'layout'},
@@ -128,9 +111,10 @@ def _example(meta: dict, batch: int) -> torch.Tensor:
     return torch.zeros(batch, 3, crop, crop)
 
 
-def _write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call write(temporary path beside `path`), then rename it over `path`: a failed or
-    interrupted export leaves the previous file (or none), never a torn one."""
+    interrupted export leaves the previous file (or none), never a torn one. Returns `path`
+    as a Path; its folder is created if missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -163,14 +147,14 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike | io.BytesIO,
         `path` (as a Path for a file). Read back: `files = {'resnext.json': ''};
         torch.jit.load(path, _extra_files=files)`.
     """
-    with torch.no_grad(), _quiet_torch():
+    with torch.no_grad(), quiet_torch():
         traced = torch.jit.trace(model.eval(), _example(meta, 1), check_trace=False)
         frozen = torch.jit.freeze(traced)
         extra = {META_FILE: json.dumps(meta)}
         if isinstance(path, io.BytesIO):
             torch.jit.save(frozen, path, _extra_files=extra)
             return path
-        return _write_atomically(path, lambda tmp: torch.jit.save(frozen, tmp,
+        return write_atomically(path, lambda tmp: torch.jit.save(frozen, tmp,
                                                                   _extra_files=extra))
 
 
@@ -201,7 +185,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, meta: dict,
 
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     buffer = io.BytesIO()
-    with torch.no_grad(), _quiet_torch():
+    with torch.no_grad(), quiet_torch():
         torch.onnx.export(model.eval(), (_example(meta, 2 if dynamic_batch else 1),), buffer,
                           dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes=axes, opset_version=ONNX_OPSET, do_constant_folding=True)
@@ -214,7 +198,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, meta: dict,
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
-    return _write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
+    return write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def export_program(model: nn.Module, path: str | os.PathLike, meta: dict,
@@ -233,7 +217,7 @@ def export_program(model: nn.Module, path: str | os.PathLike, meta: dict,
         extra_files=files).module()`; the program's input is (N, 3, crop, crop) float32.
     """
     shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
-    with _quiet_torch():
+    with quiet_torch():
         program = torch.export.export(model.eval(), (_example(meta, 2 if dynamic_batch else 1),),
                                       dynamic_shapes=shapes)
     text = json.dumps(meta)
@@ -241,8 +225,8 @@ def export_program(model: nn.Module, path: str | os.PathLike, meta: dict,
     def save(tmp: str) -> None:  # through a file object: any name, not only *.pt2
         with open(tmp, "wb") as f:
             torch.export.save(program, f, extra_files={META_FILE: text})
-    _write_atomically(path, save)
-    _write_atomically(str(path) + ".json", lambda tmp: Path(tmp).write_text(text + "\n"))
+    write_atomically(path, save)
+    write_atomically(str(path) + ".json", lambda tmp: Path(tmp).write_text(text + "\n"))
     return Path(path)
 
 
@@ -254,7 +238,8 @@ def _format_of(path: str | os.PathLike) -> str:
 
 def load_artifact(path: str | os.PathLike | io.BytesIO, fmt: str | None = None
                   ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
-    """Load an exported file with its format's own loader, on CPU.
+    """Load an exported file with its format's own loader, on CPU (ONNX Runtime with torch's
+    thread count, its threads not spinning between runs).
 
     Args:
         path: a file export_torchscript, export_onnx or export_program wrote (a BytesIO
@@ -277,14 +262,20 @@ def load_artifact(path: str | os.PathLike | io.BytesIO, fmt: str | None = None
         require_onnx()
         import onnxruntime
 
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        # torch's thread count, and no spinning: ONNX Runtime's threads otherwise busy-wait
+        # after each run, taking the cores from whatever runs next (data loading, torch).
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = onnxruntime.InferenceSession(str(path), options,
+                                               providers=["CPUExecutionProvider"])
         stored = session.get_modelmeta().custom_metadata_map
 
         def run(x: torch.Tensor) -> torch.Tensor:
             out = session.run([OUTPUT_NAME], {INPUT_NAME: x.contiguous().numpy()})[0]
             return torch.from_numpy(out)
         return run, json.loads(stored.get(META_FILE) or "{}")
-    with _quiet_torch():
+    with quiet_torch():
         if fmt == "exported-program":
             with open(path, "rb") as f:  # a file object: any name, not only *.pt2
                 module = torch.export.load(f, extra_files=files).module()
@@ -296,55 +287,9 @@ def load_artifact(path: str | os.PathLike | io.BytesIO, fmt: str | None = None
                                     _extra_files=files)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), _quiet_torch():
+        with torch.no_grad(), quiet_torch():
             return module(x)
     return run, json.loads(files[META_FILE] or "{}")
-
-
-def quantize_int8(model: nn.Module, calibration_batches: Iterable[torch.Tensor],
-                  backend: str = "x86") -> nn.Module:
-    """Post-training static int8 quantization for CPU, torch's FX graph mode
-    (torch.ao.quantization.quantize_fx.prepare_fx / convert_fx with
-    get_default_qconfig_mapping(backend)): per-channel int8 weights, uint8 activations with
-    histogram-observed ranges, conv+BN+ReLU fused.
-
-    Args:
-        model: the eval-mode float32 model (not modified: a copy is quantized).
-        calibration_batches: (B, 3, crop, crop) float32 images prepared with the weights'
-            preprocessing; the observers record activation ranges over all of them (tens of
-            photos from the deployment's domain are enough).
-        backend: the quantized engine, 'x86' (fbgemm + oneDNN) or 'qnnpack' (ARM); set as
-            torch.backends.quantized.engine, which must also be the engine of the process
-            that runs the result.
-    Returns:
-        A torch.fx.GraphModule: float32 (N, 3, crop, crop) in, float32 logits out, int8 in
-        between; export_torchscript saves it.
-    Raises:
-        ConfigError: no calibration batch, an engine this torch build lacks, or a torch
-            without torch.ao.quantization's FX mode.
-    """
-    if backend not in torch.backends.quantized.supported_engines:
-        raise ConfigError(f"this torch build has no {backend!r} quantized engine (it has "
-                          f"{', '.join(torch.backends.quantized.supported_engines)})")
-    with _quiet_torch():
-        try:
-            from torch.ao.quantization import get_default_qconfig_mapping
-            from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-        except ImportError as e:
-            raise ConfigError(f"torch {torch.__version__} has no FX graph mode quantization "
-                              f"(torch.ao.quantization.quantize_fx): {e}") from None
-        torch.backends.quantized.engine = backend
-        batches = iter(calibration_batches)
-        first = next(batches, None)
-        if first is None:
-            raise ConfigError("int8 calibration needs at least one image")
-        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping(backend),
-                              example_inputs=(first,))
-        with torch.no_grad():
-            prepared(first)
-            for batch in batches:
-                prepared(batch)
-        return convert_fx(prepared)
 
 
 @dataclass(frozen=True)
@@ -357,6 +302,11 @@ class Comparison:
         max_abs_diff, mean_abs_diff: over every logit of every image and batch size.
         logit_scale: the largest |reference logit|, the scale the tolerance is relative to.
         top1_agree: images whose top-1 class equals the reference's at every batch size.
+        max_prob_diff: the largest |difference| of softmax probabilities (0-1), over every
+            class of every image and batch size.
+        flipped_margins: for each image whose top-1 differs, the reference's margin there
+            (its best logit minus the runner-up), smallest first: how close a call it was.
+        median_margin: the reference's median margin over all images, for scale.
     """
     images: int
     batch_sizes: tuple[int, ...]
@@ -364,6 +314,9 @@ class Comparison:
     mean_abs_diff: float
     logit_scale: float
     top1_agree: int
+    max_prob_diff: float = 0.0
+    flipped_margins: tuple[float, ...] = ()
+    median_margin: float = 0.0
 
     @property
     def relative_diff(self) -> float:
@@ -381,8 +334,13 @@ class Comparison:
         sizes = " and ".join(str(b) for b in self.batch_sizes)
         return (f"{self.images} photos at batch {sizes}, max |logit diff| "
                 f"{self.max_abs_diff:.2g} ({self.relative_diff:.2g} of the logit scale "
-                f"{self.logit_scale:.3g}), mean {self.mean_abs_diff:.2g}, top-1 agreement "
-                f"{self.top1_agree}/{self.images}")
+                f"{self.logit_scale:.3g}), mean {self.mean_abs_diff:.2g}, max |probability "
+                f"diff| {self.max_prob_diff:.2g}, top-1 agreement {self.top1_agree}/"
+                f"{self.images} ({100 * self.top1_agree / self.images:.1f}%)"
+                + (f"; where they differ, the reference's top-1 margin was "
+                   f"{', '.join(f'{m:.2g}' for m in self.flipped_margins[:5])}"
+                   f"{' ...' if len(self.flipped_margins) > 5 else ''} (median image "
+                   f"{self.median_margin:.3g})" if self.flipped_margins else ""))
 
 
 def compare(reference_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -405,7 +363,7 @@ def compare(reference_fn: Callable[[torch.Tensor], torch.Tensor],
     with torch.no_grad():
         reference = torch.cat([reference_fn(c).float() for c in images.split(16)])
         agree = torch.ones(len(images), dtype=torch.bool)
-        worst, total, count = 0.0, 0.0, 0
+        worst, total, count, worst_prob = 0.0, 0.0, 0, 0.0
         for size in batch_sizes:
             got = torch.cat([candidate_fn(c.contiguous()).float() for c in images.split(size)])
             if got.shape != reference.shape:
@@ -414,9 +372,15 @@ def compare(reference_fn: Callable[[torch.Tensor], torch.Tensor],
             diff = (got - reference).abs()
             worst = max(worst, diff.max().item())
             total, count = total + diff.sum().item(), count + diff.numel()
+            probs = (got.softmax(1) - reference.softmax(1)).abs().max().item()
+            worst_prob = max(worst_prob, probs)
             agree &= got.argmax(1) == reference.argmax(1)
+    top2 = reference.topk(min(2, reference.shape[1]), dim=1).values
+    margins = top2[:, 0] - top2[:, -1]  # 0 for a single class
+    flipped = tuple(sorted(margins[~agree].tolist()))
     return Comparison(len(images), tuple(batch_sizes), worst, total / count,
-                      reference.abs().max().item(), int(agree.sum()))
+                      reference.abs().max().item(), int(agree.sum()), worst_prob, flipped,
+                      margins.median().item())
 
 
 def images_per_second(fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .artifacts import ArtifactNet, artifact_format
 from .checkpoint import read_checkpoint
 from .images import load_image, to_rgb8
-from .errors import ImageReadError, ResNeXtWarning
+from .errors import ConfigError, ImageReadError, ResNeXtWarning
 from .runtime import autocast, maybe_compile, resolve_amp
 from .transforms import Normalize, Preprocessing
 from .weights import get_model
@@ -94,8 +95,10 @@ class InferenceModel(nn.Module):
         self._normalize = None  # built for the current preprocessing on first uint8 input
         self.pad_to: int | None = None
         self._pads = _is_compiled(net)
-        # Without autocast, inputs take the weights' dtype (a model built with dtype=).
-        self.input_dtype = next(net.parameters()).dtype if amp is None else torch.float32
+        # Without autocast, inputs take the weights' dtype (a model built with dtype=); an
+        # exported file (no parameters here) takes float32.
+        weight = next(net.parameters(), None)
+        self.input_dtype = weight.dtype if amp is None and weight is not None else torch.float32
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -159,12 +162,22 @@ def load_for_inference(name: str | None, checkpoint: str | os.PathLike | None,
         verbose: list every key when the weights do not fit the model.
         announce: warn (ResNeXtWarning) when an option falls back.
         use_ema: a train.py checkpoint's EMA weights when it has them, else the raw ones.
+    An exported file (resnext.artifacts.artifact_format: TorchScript, int8 TorchScript,
+    ExportedProgram, ONNX) runs as it was exported, on CPU, with the classes and preprocessing
+    stored in it; `resize_size` still applies, a different `img_size` is refused, and the
+    options that would change the network are ignored with a ResNeXtWarning.
     Returns:
-        InferenceModel, its `load_report` set from the weights.
+        InferenceModel, its `load_report` set from the weights (None for an exported file).
     Raises:
         The loader's errors (resnext.errors: CheckpointError, CheckpointNotFoundError,
-        DownloadError, ConfigError).
+        DownloadError, ConfigError, MissingDependencyError for ONNX without onnxruntime).
     """
+    exported = artifact_format(checkpoint) if checkpoint else None
+    if exported:
+        ignored = {"--amp": amp, "--fuse-bn": fuse, "--compile": compile,
+                   "--raw-weights": not use_ema, f"--device {device}": device.type != "cpu"}
+        return _prepare_artifact(ArtifactNet(checkpoint, exported), name, img_size,
+                                 resize_size, [k for k, on in ignored.items() if on and announce])
     pretrained = read_checkpoint(checkpoint, use_ema=use_ema) if checkpoint else True
     model = get_model(name, pretrained=pretrained, verbose=verbose).to(device)
     preprocessing = model.preprocessing  # from the released table or the file's meta
@@ -187,6 +200,26 @@ def load_for_inference(name: str | None, checkpoint: str | os.PathLike | None,
                               model.arch_name)
     prepared.load_report = model.weights_info.load_report
     return prepared
+
+
+def _prepare_artifact(net: ArtifactNet, name: str | None, img_size: int | None,
+                      resize_size: int | None, ignored: list[str]) -> InferenceModel:
+    """load_for_inference for an exported file: its preprocessing (resize_size may change),
+    class names and network, on CPU; a warning names the options it ignores."""
+    pre = net.preprocessing
+    if img_size and img_size != pre.crop_size:
+        raise ConfigError(f"{net.path} was exported for {pre.crop_size} px crops; --img-size "
+                          f"{img_size} cannot change that (export again at that size)")
+    if resize_size:
+        pre = Preprocessing(pre.crop_size, resize_size, pre.interpolation, pre.mean, pre.std)
+    if name and name.split(".")[0] != net.arch_name:
+        ignored = [f"--model {name}"] + ignored
+    if ignored:
+        warnings.warn(f"{', '.join(ignored)} ignored: {net.path} is an exported "
+                      f"{net.description}, which fixes its network and dtype and runs on CPU",
+                      ResNeXtWarning, stacklevel=3)
+    return InferenceModel(net, torch.device("cpu"), None, False, pre, net.class_names,
+                          net.num_classes, net.arch_name)
 
 
 def inference_model(model: nn.Module | str, image: str | os.PathLike | Image.Image,

@@ -37,7 +37,8 @@ class ReleasedWeights:
             weights.transforms() (bilinear resize 256 for V1, 232 for V2, crop 224); both
             normalise with the ImageNet mean/std.
         publisher: 'mmpretrain' or 'torchvision'.
-        file_size_mb: the file's size as published (torchvision's meta; None if unpublished).
+        file_size_mib: the file's size as published, in MiB (2**20 bytes: torchvision's
+            meta['_file_size']); None if unpublished.
         aliases: other names of the same entry (mmpretrain's model names).
     """
     name: str
@@ -47,7 +48,7 @@ class ReleasedWeights:
     top5: float
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     publisher: str = "mmpretrain"
-    file_size_mb: float | None = None
+    file_size_mib: float | None = None
     aliases: tuple[str, ...] = ()
 
     @property
@@ -85,19 +86,19 @@ RELEASES: list[ReleasedWeights] = [
                     94.33, aliases=("resnext152-32x4d_8xb32_in1k",)),
     ReleasedWeights("resnext50_32x4d.tv_in1k", "resnext50_32x4d",
                     _TV + "resnext50_32x4d-7cdf4587.pth", 77.618, 93.698,
-                    publisher="torchvision", file_size_mb=95.789),
+                    publisher="torchvision", file_size_mib=95.789),
     ReleasedWeights("resnext50_32x4d.tv2_in1k", "resnext50_32x4d",
                     _TV + "resnext50_32x4d-1a0047aa.pth", 81.198, 95.340, _V2,
-                    publisher="torchvision", file_size_mb=95.833),
+                    publisher="torchvision", file_size_mib=95.833),
     ReleasedWeights("resnext101_32x8d.tv_in1k", "resnext101_32x8d",
                     _TV + "resnext101_32x8d-8ba56ff5.pth", 79.312, 94.526,
-                    publisher="torchvision", file_size_mb=339.586),
+                    publisher="torchvision", file_size_mib=339.586),
     ReleasedWeights("resnext101_32x8d.tv2_in1k", "resnext101_32x8d",
                     _TV + "resnext101_32x8d-110c445d.pth", 82.834, 96.228, _V2,
-                    publisher="torchvision", file_size_mb=339.673),
+                    publisher="torchvision", file_size_mib=339.673),
     ReleasedWeights("resnext101_64x4d.tv_in1k", "resnext101_64x4d",
                     _TV + "resnext101_64x4d-173b62eb.pth", 83.246, 96.454, _V2,
-                    publisher="torchvision", file_size_mb=319.318),
+                    publisher="torchvision", file_size_mib=319.318),
 ]
 
 
@@ -108,21 +109,21 @@ def list_weights(factory: str | None = None) -> list[ReleasedWeights]:
 
 def match_release(path: str | os.PathLike,
                   releases: list[ReleasedWeights] | None = None) -> ReleasedWeights | None:
-    """The registry entry a local file is, by its name (a torch.hub cache keeps the URL's file
-    name) or, for a file of an entry's published size (+-0.5 MB), by its SHA-256 prefix.
+    """The registry entry a local file is: its SHA-256 starts with the hex prefix the entry's
+    file name carries. Only entries worth the hash are tried: those whose file name the file
+    has (a torch.hub cache keeps the URL's name) or whose published size it has (+-0.5 MiB,
+    a renamed copy). A file that merely bears an entry's name (a fine-tuned model saved
+    under it) is not the entry and keeps its own metadata.
 
     Returns:
         The entry, or None when the file matches none.
     """
     path = Path(path)
     releases = RELEASES if releases is None else releases
-    for release in releases:
-        if path.name == release.file_name:
-            return release
-    size_mb = path.stat().st_size / 1e6 if path.is_file() else -1.0
-    candidates = [r for r in releases
-                  if r.file_size_mb is not None and abs(r.file_size_mb - size_mb) <= 0.5]
-    if not candidates:
+    size_mib = path.stat().st_size / 2**20 if path.is_file() else -1.0
+    candidates = [r for r in releases if path.name == r.file_name or (
+        r.file_size_mib is not None and abs(r.file_size_mib - size_mib) <= 0.5)]
+    if not candidates or size_mib < 0:
         return None
     digest = sha256_of(path)
     for release in candidates:

@@ -9,6 +9,7 @@ import importlib.util
 import os
 import shutil
 import warnings
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from .errors import ConfigError, ResNeXtWarning
 
 __all__ = ["default_device", "resolve_amp", "amp_name", "autocast", "compile_available",
            "maybe_compile", "available_cpus", "default_workers", "select_kernels",
-           "shared_memory_free", "fit_loader_to_shared_memory"]
+           "shared_memory_free", "fit_loader_to_shared_memory", "quiet_torch"]
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -226,3 +227,20 @@ def fit_loader_to_shared_memory(workers: int, prefetch: int, batch_bytes: int,
             f"{workers} workers x {prefetch} batches of {batch_bytes / 2**20:.1f} MB: using "
             f"{chosen}; a larger /dev/shm (docker run --shm-size=2g) or --workers changes it")
     return new_workers, new_prefetch, note
+
+
+@contextlib.contextmanager
+def quiet_torch() -> Iterator[None]:
+    """Hide what torch 2.14 says on every call of the export and int8 paths: torch.jit.* and
+    the TorchScript-based ONNX exporter are deprecated (FutureWarning/DeprecationWarning), so
+    is torch.ao.quantization, and its x86 observers warn once each about reduce_range. The
+    deprecations are documented in docs/export.md instead of repeated on every run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message=r"(?s).*reduce_range will be deprecated")
+        warnings.filterwarnings("ignore", message=r"(?s).*quantized tensor creation functions")
+        # Tracing an int8 model reads its fixed input scale as a Python float: a constant.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning,
+                                message="Converting a tensor to a Python float")
+        yield

@@ -3,6 +3,7 @@ torch.export.load, onnxruntime) gives the eager model's logits on real photos an
 class names and preprocessing; dynamic batches; the one-line error without onnx; int8."""
 import io
 import json
+import math
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from resnext.export import (compare, export_meta, export_onnx, export_program,
                             export_torchscript, load_artifact, load_images, quantize_int8,
                             require_onnx)
 from resnext.images import list_images
+from resnext.quantize import cpu_has_vnni, int8_recipe
 from conftest import DEMO, HYMENOPTERA, REPO, randomize_
 
 sys.path.insert(0, str(REPO))
@@ -150,6 +152,15 @@ def test_compare_counts_by_hand():
     assert result.relative_diff == pytest.approx(0.125)
     assert not result.passed(None, 1.0) and result.passed(0.2, 2 / 3)
     assert not result.passed(0.1, 0.5)
+    # The flipped row's margin in the reference, 1.0 - 0.9; the median margin of 2, 4, 0.1.
+    assert result.flipped_margins == pytest.approx((0.1,)) and result.median_margin == 2.0
+    # Two-class softmax by hand, p0 = sigmoid(l0 - l1): rows move by s(2.5) - s(2),
+    # s(-3.9) - s(-4) and s(0.1) - s(-0.1); the flipped row moves most.
+    sigmoid = lambda t: 1 / (1 + math.exp(-t))  # noqa: E731
+    moves = [sigmoid(2.5) - sigmoid(2), sigmoid(-3.9) - sigmoid(-4), sigmoid(0.1) - sigmoid(-0.1)]
+    assert result.max_prob_diff == pytest.approx(max(moves)) and max(moves) == moves[2]
+    assert "where they differ, the reference's top-1 margin was 0.1 (median image 2)" in str(
+        result)
 
 
 def _fit_pca_head(model: torch.nn.Module, img_size: int, k: int = 8) -> None:
@@ -315,15 +326,152 @@ def test_script_int8(decisive_checkpoint, tmp_path):
     out = tmp_path / "int8.pt"
     res = _run("--checkpoint", decisive_checkpoint, "--quantize", "int8", "--calibrate",
                HYMENOPTERA / "train", "--check-images", HYMENOPTERA / "val", "--out", out,
-               "--speed-runs", "0")
+               "--speed-runs", "0", "--min-agreement", INT8_MIN_AGREEMENT)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     assert "calibrate: 40 of 40 photos in" in lines[1]
     check = next(line for line in lines if line.startswith("check:"))
     agreed = int(check.split("top-1 agreement ")[1].split("/")[0])
     assert "33 photos at batch 1 and 16" in check and agreed >= INT8_MIN_AGREEMENT * 33
+    bits = 8 if cpu_has_vnni() else 7
+    assert f"int8 ({bits}-bit activations, float32 layers: head)" in check
     size = next(line for line in lines if line.startswith("size:"))
     assert float(size.split("(")[1].split("x")[0]) > 3  # fp32 / int8 file size
     assert not any(line.startswith("speed") for line in lines)  # --speed-runs 0
     _, meta = load_artifact(out)
-    assert meta["quantization"]["dtype"] == "int8" and meta["class_names"] == NAMES
+    assert meta["class_names"] == NAMES and meta["quantization"]["dtype"] == "int8"
+    assert meta["quantization"]["activation_bits"] == bits
+    assert meta["quantization"]["float_layers"] == ["head"]
+
+
+@pytest.mark.slow
+def test_script_int8_below_the_bar_writes_nothing(checkpoint_at_64, tmp_path):
+    # conftest's model, its head on all 2048 features and scaled up (logits in the hundreds),
+    # quantized whole with 7-bit activations: rounding decides the class (measured 16/33).
+    out = tmp_path / "int8.pt"
+    out.write_bytes(b"an earlier file")
+    res = _run("--checkpoint", checkpoint_at_64, "--quantize", "int8", "--calibrate",
+               HYMENOPTERA / "train", "--check-images", HYMENOPTERA / "val", "--out", out,
+               "--speed-runs", "0", "--float-layers", "--activation-bits", "7")
+    assert res.returncode == 1, res.stderr[-3000:]
+    check = next(line for line in res.stdout.splitlines() if line.startswith("check:"))
+    agreed = int(check.split("top-1 agreement ")[1].split("/")[0])
+    assert "(7-bit activations, float32 layers: none)" in check and agreed < 0.99 * 33
+    assert f"check failed (wanted top-1 agreement >= 0.99); {out} not written" in res.stderr
+    assert not any(line.startswith("wrote") for line in res.stdout.splitlines())
+    assert out.read_bytes() == b"an earlier file"
+
+
+@pytest.mark.slow
+def test_int8_keeps_the_layers_asked_for_in_float(model):
+    x = torch.zeros(2, 3, 64, 64)
+    default = quantize_int8(model, [x])
+    assert type(default.fc) is torch.nn.Linear  # the head: float32 weights, as given
+    assert torch.equal(default.fc.weight, model.fc.weight)
+    assert type(quantize_int8(model, [x], float_layers=()).fc) is not torch.nn.Linear
+    both = quantize_int8(model, [x], float_layers=("head", "stem"))
+    assert not type(both.conv1).__module__.startswith("torch.ao.nn.quantized")
+    assert type(default.conv1).__module__.startswith("torch.ao.nn.intrinsic.quantized")
+    with pytest.raises(ConfigError, match="unknown float layer neck"):
+        int8_recipe(float_layers=("neck",))
+    assert int8_recipe(full_range=False)["activation_bits"] == 7
+    assert int8_recipe()["activation_bits"] == (8 if cpu_has_vnni() else 7)
+
+
+# In a fresh interpreter, each file with its own format's loader only (no resnext import): the
+# files stand alone, as a deployment loads them. argv[1]: the folder with the files and
+# photos.pt; writes logits.pt ({format: {'all': (N, C), 'one': (1, C)}}: int8 on all the
+# photos, the fp32 files on the first 8, to save time) and meta.json.
+_DEPLOY_CHILD = r"""
+import json, sys
+from pathlib import Path
+import torch
+d = Path(sys.argv[1])
+photos = torch.load(d / "photos.pt", weights_only=True)
+x = photos[:8]
+logits, metas = {}, {}
+with torch.no_grad():
+    for fmt, name in (("torchscript", "m.torchscript.pt"), ("int8", "m.int8.torchscript.pt")):
+        files = {"resnext.json": ""}
+        net = torch.jit.load(str(d / name), _extra_files=files)
+        logits[fmt] = {"all": net(photos if fmt == "int8" else x), "one": net(x[:1])}
+        metas[fmt] = json.loads(files["resnext.json"])
+    files = {"resnext.json": ""}
+    program = torch.export.load(str(d / "m.pt2"), extra_files=files).module()
+    logits["exported-program"] = {"all": program(x), "one": program(x[:1])}
+    metas["exported-program"] = json.loads(files["resnext.json"])
+if (d / "m.onnx").is_file():
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(d / "m.onnx"), providers=["CPUExecutionProvider"])
+    props = session.get_modelmeta().custom_metadata_map
+    run = lambda v: torch.from_numpy(session.run(["logits"], {"images": v.numpy()})[0])
+    logits["onnx"] = {"all": run(x), "one": run(x[:1])}
+    metas["onnx"] = json.loads(props["resnext.json"])
+    metas["onnx props"] = {k: props[k] for k in ("resnext.model", "resnext.class_names",
+                                                 "resnext.preprocessing")}
+assert not [m for m in sys.modules if m.split(".")[0] == "resnext"], "imported resnext"
+torch.save(logits, d / "logits.pt")
+(d / "meta.json").write_text(json.dumps(metas))
+"""
+
+
+@pytest.mark.slow
+def test_every_artifact_reloads_in_a_fresh_process(decisive_checkpoint, tmp_path):
+    has_onnx = True
+    try:
+        require_onnx()
+    except MissingDependencyError:  # ONNX is optional; the other formats are still checked
+        has_onnx = False
+    model = resnext.get_model(pretrained=str(decisive_checkpoint))
+    pre = model.preprocessing
+    photos = load_images(list_images(HYMENOPTERA / "val"), pre)  # 33 real photos, 64 px
+    torch.save(photos, tmp_path / "photos.pt")
+    written = {fmt: export_meta(model, fmt, True, "decisive.pth")
+               for fmt in ("torchscript", "exported-program", "onnx")}
+    export_torchscript(model, tmp_path / "m.torchscript.pt", written["torchscript"])
+    export_program(model, tmp_path / "m.pt2", written["exported-program"], dynamic_batch=True)
+    if has_onnx:
+        export_onnx(model, tmp_path / "m.onnx", written["onnx"], dynamic_batch=True)
+    calibration = load_images(list_images(HYMENOPTERA / "train")[::4], pre)  # 10 other photos
+    int8 = quantize_int8(model, [calibration])  # measured: 33/33 val photos agree with fp32
+    written["int8"] = export_meta(model, "torchscript", quantization={"dtype": "int8"})
+    export_torchscript(int8, tmp_path / "m.int8.torchscript.pt", written["int8"])
+
+    res = subprocess.run([sys.executable, "-c", _DEPLOY_CHILD, str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    logits = torch.load(tmp_path / "logits.pt", weights_only=True)
+    metas = json.loads((tmp_path / "meta.json").read_text())
+
+    expected = _eager(model, photos)
+    assert len(set(expected.argmax(1).tolist())) == 2  # a model whose answers vary
+    fp32 = ["torchscript", "exported-program"] + (["onnx"] if has_onnx else [])
+    assert sorted(logits) == sorted(fp32 + ["int8"])
+    for fmt in fp32:
+        for key, reference in (("all", expected[:8]), ("one", expected[:1])):
+            got = logits[fmt][key]
+            assert got.dtype == torch.float32 and got.shape == reference.shape, (fmt, key)
+            _close(got, reference)
+            assert torch.equal(got.argmax(1), reference.argmax(1)), (fmt, key)
+    got = logits["int8"]["all"]
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
+    assert agreement >= INT8_MIN_AGREEMENT, agreement
+    assert (got - expected).abs().max() > 1e-3 * expected.abs().max()  # int8 really ran
+    with torch.no_grad():  # the file runs the quantized model the parent built
+        torch.testing.assert_close(got, int8(photos), rtol=1e-4, atol=1e-4)
+        # At batch 1 the x86 engine may pick other int8 kernels (oneDNN/FBGEMM) and round
+        # otherwise: compared with the parent's quantized model at batch 1 too.
+        torch.testing.assert_close(logits["int8"]["one"], int8(photos[:1]), rtol=1e-4,
+                                   atol=1e-4)
+
+    for fmt, meta in written.items():
+        if fmt in logits:
+            assert metas[fmt] == meta, fmt
+            assert metas[fmt]["class_names"] == NAMES and metas[fmt]["preprocessing"] == AT_64
+    assert metas["int8"]["quantization"] == {"dtype": "int8"}
+    assert metas["exported-program"]["input"]["shape"] == ["N", 3, 64, 64]
+    if has_onnx:
+        assert metas["onnx props"] == {"resnext.model": "resnext50_32x4d",
+                                       "resnext.class_names": json.dumps(NAMES),
+                                       "resnext.preprocessing": json.dumps(AT_64)}

@@ -1,0 +1,192 @@
+"""Exported files where a checkpoint goes: predict.py and evaluate.py run TorchScript, int8,
+ExportedProgram and ONNX files (resnext.artifacts), recognised by content, with the classes
+and preprocessing written inside them; what such a file cannot do is refused in one line."""
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+import resnext
+from resnext.artifacts import ArtifactNet, artifact_device, artifact_format
+from resnext.errors import CheckpointError, ConfigError, ResNeXtWarning
+from resnext.export import (export_meta, export_onnx, export_program, export_torchscript,
+                            load_images)
+from resnext.images import list_images
+from resnext.inference import load_for_inference
+from resnext.quantize import int8_recipe, quantize_int8
+from conftest import DEMO, HYMENOPTERA, REPO
+
+sys.path.insert(0, str(REPO))
+import evaluate as evaluate_script  # noqa: E402  (the scripts: get_args_parser, main)
+import predict as predict_script  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning",
+                                        "ignore::DeprecationWarning", "ignore::FutureWarning")
+CPU = torch.device("cpu")
+
+
+def _tiny_torchscript(path, extra=None):
+    traced = torch.jit.trace(torch.nn.Linear(2, 2).eval(), torch.zeros(1, 2))
+    torch.jit.save(traced, str(path), _extra_files=extra or {})
+    return path
+
+
+def test_an_exported_file_is_known_by_content_not_name(tmp_path):
+    script = _tiny_torchscript(tmp_path / "weights.pth")  # TorchScript under a checkpoint name
+    program = tmp_path / "model.bin"
+    with open(program, "wb") as f:
+        torch.export.save(torch.export.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),)), f)
+    plain = tmp_path / "model.pt2"  # a state dict under the exported program's suffix
+    torch.save(torch.nn.Linear(2, 2).state_dict(), plain)
+    (tmp_path / "garbage.onnx").write_bytes(b"not a protobuf")
+    assert artifact_format(script) == "torchscript"
+    assert artifact_format(program) == "exported-program"
+    assert artifact_format(plain) is None
+    assert artifact_format(tmp_path / "garbage.onnx") == "onnx"
+    for other in (tmp_path / "missing.pt", tmp_path, "https://example.invalid/m.onnx"):
+        assert artifact_format(other) is None
+    # Loading one as weights names it for what it is, in one line.
+    with pytest.raises(CheckpointError, match=r"weights\.pth: an exported model \(torchscript\)"):
+        resnext.get_model(pretrained=str(script))
+    with pytest.raises(CheckpointError, match=r"exported model \(exported-program\)"):
+        resnext.read_checkpoint(program)
+
+
+def test_an_exported_file_without_our_metadata_is_refused(tmp_path):
+    script = _tiny_torchscript(tmp_path / "foreign.torchscript.pt")
+    with pytest.raises(CheckpointError, match="foreign.torchscript.pt: a TorchScript file "
+                                              "without resnext.json metadata"):
+        ArtifactNet(script)
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "garbage.onnx").write_bytes(b"not a protobuf")
+    with pytest.raises(CheckpointError, match=r"garbage\.onnx: not a readable ONNX file"):
+        load_for_inference(None, tmp_path / "garbage.onnx", CPU)
+
+
+def test_scripts_set_up_the_cpu_for_an_exported_file(tmp_path):
+    script = _tiny_torchscript(tmp_path / "m.torchscript.pt")
+    with pytest.warns(ResNeXtWarning, match="--device cuda ignored: .*run on CPU"):
+        assert artifact_device(script, "cuda") == "cpu"
+    assert artifact_device(script, None) == "cpu"
+    plain = tmp_path / "m.pth"
+    torch.save({}, plain)
+    assert artifact_device(plain, "cuda") == "cuda" and artifact_device(None, None) is None
+
+
+# --- the files of a real network, run by the scripts --------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(checkpoint_at_64, tmp_path_factory):
+    """The conftest model at 64 px written in each format; ExportedProgram with a fixed batch
+    of 1 (the scripts then feed it one image at a time), ONNX when onnxruntime is here."""
+    folder = tmp_path_factory.mktemp("exported")
+    model = resnext.get_model(pretrained=str(checkpoint_at_64)).eval()
+    files = {"torchscript": export_torchscript(model, folder / "m.torchscript.pt",
+                                               export_meta(model, "torchscript")),
+             "exported-program": export_program(model, folder / "m.pt2",
+                                                export_meta(model, "exported-program"))}
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
+        files["onnx"] = export_onnx(model, folder / "m.onnx", export_meta(model, "onnx", True),
+                                    dynamic_batch=True)
+    calibration = load_images(list_images(HYMENOPTERA / "train")[::4], model.preprocessing)
+    meta = export_meta(model, "torchscript", quantization=int8_recipe())
+    files["int8"] = export_torchscript(quantize_int8(model, [calibration]),
+                                       folder / "m.int8.torchscript.pt", meta)
+    return model, files
+
+
+def _predict(capsys, *argv):
+    args = predict_script.get_args_parser().parse_args([*map(str, argv), "--workers", "0"])
+    status = predict_script.main(args)
+    return status, [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def _own_loader(path, fmt):
+    """The file through its format's own runtime, not through the package."""
+    if fmt == "onnx":
+        import onnxruntime
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    if fmt == "exported-program":
+        with open(path, "rb") as f:
+            return torch.export.load(f).module()
+    return torch.jit.load(str(path))
+
+
+@pytest.mark.slow
+def test_predict_runs_every_exported_file(exported, capsys):
+    model, files = exported
+    paths = sorted(DEMO.glob("*.*[gG]")) + list_images(HYMENOPTERA / "val")[::11]  # 7 photos
+    x = load_images(paths, model.preprocessing)  # the stored 64 px preprocessing
+    with torch.no_grad():
+        eager = model(x).softmax(1)
+    for fmt, path in files.items():
+        # int8 kernels may round differently at another batch size: one image per batch,
+        # as the reference below runs it.
+        batch = ["--batch-size", "1"] if fmt == "int8" else []
+        status, answers = _predict(capsys, *paths, "--checkpoint", path, "--json", "--topk",
+                                   "2", *batch)
+        assert status == 0 and [a["path"] for a in answers] == [str(p) for p in paths]
+        assert {a["pred_class"] for a in answers} <= {"ants", "bees"}
+        scores = torch.tensor([[t["score"] for t in sorted(a["topk"], key=lambda t: t["label"])]
+                               for a in answers])
+        if fmt == "int8":
+            with torch.no_grad():
+                run = _own_loader(path, fmt)
+                expected = torch.cat([run(image).softmax(1) for image in x.split(1)])
+            assert (expected - eager).abs().max() > 1e-4  # int8 really ran
+        else:
+            expected = eager
+        torch.testing.assert_close(scores, expected, rtol=0, atol=1e-4)
+        assert [a["pred_label"] for a in answers] == expected.argmax(1).tolist(), fmt
+
+
+def _evaluate(tmp_path, *argv):
+    out = tmp_path / "result.json"
+    args = evaluate_script.get_args_parser().parse_args(
+        ["--data", str(HYMENOPTERA / "val"), "--workers", "0", "--json", str(out),
+         *map(str, argv)])
+    evaluate_script.main(args)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_evaluate_runs_an_int8_and_an_onnx_file(exported, tmp_path):
+    model, files = exported
+    paths = list_images(HYMENOPTERA / "val")
+    labels = torch.tensor([["ants", "bees"].index(p.parent.name) for p in paths])
+    x = load_images(paths, model.preprocessing)
+    for fmt in ("int8", "onnx"):
+        if fmt not in files:
+            continue
+        result = _evaluate(tmp_path, "--checkpoint", files[fmt], "--batch-size", "1")
+        with torch.no_grad():
+            run = _own_loader(files[fmt], "onnx" if fmt == "onnx" else "torchscript")
+            predicted = torch.cat([run(image) for image in x.split(1)]).argmax(1)
+        hits = int((predicted == labels).sum())
+        assert result["num_images"] == len(paths) == 33
+        assert result["top1"] == pytest.approx(100 * hits / len(paths)), (fmt, hits)
+        assert result["checkpoint"] == str(files[fmt])
+
+
+@pytest.mark.slow
+def test_what_an_exported_file_cannot_do_is_said(exported, tmp_path):
+    model, files = exported
+    path = files["exported-program"]
+    with pytest.warns(ResNeXtWarning, match=r"--model resnext101_32x4d, --amp, --fuse-bn, "
+                                            r"--compile ignored: .*m\.pt2 is an exported "
+                                            r"ExportedProgram file \(resnext50_32x4d, 2 classes"):
+        prepared = load_for_inference("resnext101_32x4d", path, CPU, amp="bf16", fuse=True,
+                                      compile=True)
+    assert prepared.class_names == ["ants", "bees"] and prepared.preprocessing.crop_size == 64
+    assert prepared.load_report is None and prepared.device == CPU
+    # The loader's resize may change; the crop is the file's.
+    assert load_for_inference(None, path, CPU, resize_size=80).preprocessing.resize_size == 80
+    with pytest.raises(ConfigError, match=r"exported for 64 px crops; --img-size 96"):
+        load_for_inference(None, path, CPU, img_size=96)
+    args = predict_script.get_args_parser().parse_args(
+        [str(DEMO / "bird.JPEG"), "--checkpoint", str(path), "--cam", str(tmp_path / "cams")])
+    with pytest.raises(ConfigError, match="--cam needs the network's gradients"):
+        predict_script.main(args)
