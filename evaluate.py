@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,7 +76,8 @@ def _print_and_write(args: argparse.Namespace, result: dict, seconds: float, inf
     """Rank 0's output: the accuracy line, --json, --out and --report."""
     k = result["k"]
     summary = {"top1": result["top1"], f"top{k}": result[f"top{k}"], "k": k,
-               "num_images": result["num_images"], "model": args.model or model.arch_name,
+               "num_images": result["num_images"],
+               "model": model.arch_name if model.exported else args.model or model.arch_name,
                "checkpoint": args.checkpoint or "released"}
     text_out = sys.stderr if args.json == "-" else sys.stdout  # stdout is the JSON's
     print(f"{format_accuracy(result)}  images: {result['num_images']}  "
@@ -116,7 +118,8 @@ def main(args: argparse.Namespace) -> dict:
     for path in outputs:
         if path:
             check_output_path(path)  # before the work, not after it
-    info = init_distributed(artifact_device(args.checkpoint, args.device))
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # before the process group: torchrun's RANK
+    info = init_distributed(artifact_device(args.checkpoint, args.device, announce=rank0))
     select_kernels(args.deterministic)
     try:
         model = load_for_inference(args.model, args.checkpoint, info.device, amp=args.amp,

@@ -99,10 +99,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    metavar="LAYER", help="int8: layers kept in float32: head (fc), stem (the "
                    "7x7 conv block); none: give the flag alone")
     p.add_argument("--activation-bits", type=int, choices=[7, 8], default=None,
-                   help="int8: activation range; default 8 on a CPU with VNNI (this one: "
-                        f"{'yes' if cpu_has_vnni() else 'no'}), else 7 (torch's x86 default: "
-                        "fbgemm's kernels without VNNI can overflow with 8); use 7 for a file "
-                        "that will run on CPUs without VNNI")
+                   help="int8: activation range; default 8 on a CPU with AVX512-VNNI (this "
+                        f"one: {'yes' if cpu_has_vnni() else 'no'}), else 7 (torch's x86 "
+                        "default: fbgemm's kernels without VNNI can overflow with 8); use 7 "
+                        "for a file that will run on CPUs without AVX512-VNNI")
     p.add_argument("--speed-runs", type=non_negative_int, default=5, metavar="N",
                    help="int8: timed runs per batch size (median); 0 skips the timing")
     p.add_argument("--raw-weights", action="store_true",

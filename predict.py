@@ -7,13 +7,13 @@
 
 Folders are walked for images (resnext.images.list_images: hidden entries skipped, symlinks
 followed). Images are prepared as the weights expect (the checkpoint's stored preprocessing,
-else resize 256 / crop 224). A local file export.py wrote (TorchScript, int8, ExportedProgram,
-ONNX) runs on CPU with the classes and preprocessing stored in it (resnext.artifacts). --cam DIR
-also writes, per image, the crop with the Grad-CAM heat map of its top class over it and the
-class and score written on it (DIR/<stem>_cam.png; resnext.cam). A file that cannot be read is
-reported on stderr with its path and reason; the others are still answered, and the exit status
-is then 1. Exit status 2: a usage or setup error (one line on stderr); 130: interrupted (answers
-so far kept).
+else resize 256 / crop 224). A file export.py wrote (TorchScript, int8, ExportedProgram, ONNX; a
+path or URL) runs on CPU with the classes and preprocessing stored in it (resnext.artifacts).
+--cam DIR also writes, per image, the crop with the Grad-CAM heat map of its top class over it
+and the class and score written on it (DIR/<stem>_cam.png; resnext.cam). A file that cannot be
+read is reported on stderr with its path and reason; the others are still answered, and the exit
+status is then 1. Exit status 2: a usage or setup error (one line on stderr); 130: interrupted
+(answers so far kept).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from resnext.artifacts import ArtifactNet, artifact_device
+from resnext.artifacts import artifact_device, exported_file
 from resnext.cam import cam_file_names, grad_cam, overlay
 from resnext.cli import (EXIT_FAILED, HelpFormatter, add_common_args, check_output_path,
                          positive_int, print_load_notes, printable, run_cli)
@@ -170,18 +170,18 @@ def main(args: argparse.Namespace) -> int:
     if args.max_image_pixels is not None:
         set_max_image_pixels(args.max_image_pixels)
     _check_json_target(args.json)
+    device = artifact_device(args.checkpoint, args.device)
+    if args.cam and device == "cpu" and exported_file(args.checkpoint):
+        raise ConfigError(f"--cam needs the network's gradients, which an exported file does "
+                          f"not give: pass the checkpoint {printable(args.checkpoint)} was "
+                          f"exported from")
     _check_cam_target(args.cam)
-    device = default_device(artifact_device(args.checkpoint, args.device))
-    model = load_for_inference(args.model, args.checkpoint, device,
+    model = load_for_inference(args.model, args.checkpoint, default_device(device),
                                amp=args.amp, fuse=args.fuse_bn,
                                channels_last=args.channels_last, compile=args.compile,
                                img_size=args.img_size, verbose=args.verbose,
                                use_ema=not args.raw_weights)
     print_load_notes("predict.py", model.load_report, args.verbose)
-    if args.cam and isinstance(model.net, ArtifactNet):
-        raise ConfigError(f"--cam needs the network's gradients, which an exported file does "
-                          f"not give: pass the checkpoint {printable(args.checkpoint)} was "
-                          f"exported from")
     cam_net = cam_network(model, args) if args.cam else None
     paths, skipped = collect_paths(args.inputs)
     if skipped:

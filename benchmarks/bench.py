@@ -5,7 +5,7 @@
     python benchmarks/bench.py --sections pipeline coldstart --quick
     python benchmarks/bench.py --device cuda --compile --sections e2e inference --batch-sizes 256  # one H200, 8-10 min
     python benchmarks/bench.py --device cuda --compile --sections e2e --e2e-batches 32 --e2e-compile-modes reduce-overhead
-    python benchmarks/bench.py --sections export     # deployment files on CPU, about 3 minutes on 2 cores
+    python benchmarks/bench.py --sections export     # deployment files on CPU, about a minute on 2 cores
     python benchmarks/bench.py --sections export --quick --export-img-size 64   # smoke run
 
 Every number is a median over --repeats timed runs after --warmup untimed ones, and every
@@ -875,7 +875,8 @@ def check_artifacts(ours, artifacts: list, photos: torch.Tensor) -> list[dict]:
             print(f"  check {a['name']}: {c}", flush=True)
             out.append({"name": a["name"], "images": c.images, "top1_agree": c.top1_agree,
                         "max_abs_diff": c.max_abs_diff, "mean_abs_diff": c.mean_abs_diff,
-                        "relative_diff": c.relative_diff})
+                        "relative_diff": c.relative_diff, "max_prob_diff": c.max_prob_diff,
+                        "flipped_margins": list(c.flipped_margins)})
     return out
 
 

@@ -4,7 +4,8 @@
 by its content (artifact_format) and run through its format's own loader (load_artifact),
 with the class names and preprocessing written inside it. The file fixes its network, dtype
 and input size: options that would change them are ignored with a warning (amp, BN folding,
-compile, --model) or refused (another crop size). Exported files run on CPU here.
+compile, --model) or refused (another crop size). Exported files run on CPU here. A URL is
+downloaded into torch.hub's cache and judged by the downloaded file (exported_file).
 
 An exported file is a program, not weights: torch.jit.load, torch.export.load and ONNX
 Runtime run the graph it holds. Load only files you trust, as with any model program.
@@ -20,9 +21,11 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, ResNeXtWarning
+from .hub import download_weights, is_url
+from .quantize import cpu_has_vnni
 from .transforms import Preprocessing
 
-__all__ = ["artifact_format", "artifact_device", "ArtifactNet"]
+__all__ = ["artifact_format", "exported_file", "artifact_device", "ArtifactNet"]
 
 _FORMAT_NAMES = {"torchscript": "TorchScript", "exported-program": "ExportedProgram",
                  "onnx": "ONNX"}
@@ -54,12 +57,29 @@ def artifact_format(source: str | os.PathLike) -> str | None:
     return None
 
 
-def artifact_device(checkpoint: str | os.PathLike | None, device: str | None) -> str | None:
+def exported_file(source: str | os.PathLike | None) -> tuple[Path, str] | None:
+    """(local path, format) when `source` is an exported file, else None. A URL is downloaded
+    into torch.hub's cache first (resnext.hub.download_weights, as a checkpoint URL would be)
+    and judged by the cached file's content.
+
+    Raises:
+        DownloadError: a URL that cannot be fetched or fails its hash check.
+    """
+    if source is None:
+        return None
+    path = download_weights(os.fspath(source)) if is_url(os.fspath(source)) else Path(source)
+    fmt = artifact_format(path)
+    return (path, fmt) if fmt else None
+
+
+def artifact_device(checkpoint: str | os.PathLike | None, device: str | None,
+                    announce: bool = True) -> str | None:
     """The device a script should set up for `checkpoint`: 'cpu' for an exported file (with a
-    ResNeXtWarning when `device` asked for another), else `device` unchanged."""
-    if checkpoint is None or artifact_format(checkpoint) is None:
+    ResNeXtWarning when `device` asked for another and `announce`: rank 0 only under
+    torchrun), else `device` unchanged."""
+    if exported_file(checkpoint) is None:
         return device
-    if device not in (None, "cpu"):
+    if device not in (None, "cpu") and announce:
         warnings.warn(f"--device {device} ignored: {checkpoint} is an exported file, and "
                       f"exported files run on CPU here", ResNeXtWarning, stacklevel=2)
     return "cpu"
@@ -71,8 +91,9 @@ class ArtifactNet(nn.Module):
 
     A file exported without a dynamic batch (ExportedProgram, ONNX) takes one image per call;
     larger batches are run one image at a time. An int8 file runs on the quantized engine it
-    was made for (meta['quantization']['backend'], e.g. 'x86'), set as
-    torch.backends.quantized.engine.
+    was made for (meta['quantization']['backend'], 'x86'), set as
+    torch.backends.quantized.engine; one with 8-bit activations on a CPU without AVX512-VNNI
+    is run with a ResNeXtWarning (fbgemm's kernels there may overflow; resnext.quantize).
 
     Attributes:
         path: the file. format: 'torchscript', 'exported-program' or 'onnx'.
@@ -80,9 +101,9 @@ class ArtifactNet(nn.Module):
         preprocessing, class_names (list or None), num_classes, arch_name: from meta.
         description: e.g. 'int8 TorchScript file (resnext50_32x4d, 2 classes)'.
     Raises:
-        CheckpointError (a ValueError): the file has no readable resnext metadata (not written
-            by export.py, so its classes and preprocessing are unknown) or its loader refuses
-            it; the message names the file.
+        CheckpointError (a ValueError), naming the file: its loader refuses it; it has no
+            resnext.json (not written by export.py, so its classes and preprocessing are
+            unknown) or a malformed one; it has no classifier (num_classes 0).
         ConfigError: an int8 file for a quantized engine this torch build lacks.
         MissingDependencyError: an ONNX file without onnx/onnxruntime installed.
     """
@@ -92,6 +113,7 @@ class ArtifactNet(nn.Module):
         from .export import load_artifact  # deferred: checkpoint.py imports this module
 
         self.path, self.format = Path(path), fmt or artifact_format(path)
+        kind = _FORMAT_NAMES[self.format]
         try:
             self._run, self.meta = load_artifact(self.path, self.format)
         except Exception as e:  # noqa: BLE001 (re-raised unless the loader refused the file)
@@ -102,22 +124,40 @@ class ArtifactNet(nn.Module):
             if isinstance(e, (FileNotFoundError, ImportError)) or not refused:
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path}: not a readable {_FORMAT_NAMES[self.format]} file "
+            raise CheckpointError(f"{path}: not a readable {kind} file "
                                   f"({type(e).__name__}: {first})") from None
-        if not self.meta.get("preprocessing") or not self.meta.get("num_classes"):
-            raise CheckpointError(f"{path}: a {_FORMAT_NAMES[self.format]} file without "
-                                  f"resnext.json metadata (not written by export.py), so its "
-                                  f"classes and preprocessing are unknown")
-        quantization = self.meta.get("quantization") or None
-        if quantization and quantization.get("backend"):
-            _use_engine(quantization["backend"], path)
-        self.preprocessing = Preprocessing(**self.meta["preprocessing"])
-        self.class_names = self.meta.get("class_names") or None
-        self.num_classes = int(self.meta["num_classes"])
-        self.arch_name = str(self.meta.get("model") or "")
+        if not isinstance(self.meta, dict) or not self.meta:
+            raise CheckpointError(f"{path}: a {kind} file without resnext.json metadata (not "
+                                  f"written by export.py), so its classes and preprocessing "
+                                  f"are unknown")
+        self._read_meta(kind)
         self.one_per_call = self.format != "torchscript" and not self.meta.get("dynamic_batch")
-        dtype = f"{quantization['dtype']} " if quantization else ""
-        self.description = (f"{dtype}{_FORMAT_NAMES[self.format]} file ({self.arch_name}, "
+
+    def _read_meta(self, kind: str) -> None:
+        """preprocessing, class_names, num_classes, arch_name and description from meta."""
+        meta = self.meta
+        try:
+            self.preprocessing = Preprocessing(**meta["preprocessing"])
+            self.num_classes = int(meta["num_classes"] or 0)
+            names = meta.get("class_names")
+            self.class_names = [str(n) for n in names] if names else None
+            quantization = dict(meta.get("quantization") or {})
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: its resnext.json is malformed "
+                                  f"({type(e).__name__}: {e})") from None
+        if self.num_classes < 1:
+            raise CheckpointError(f"{self.path}: exported without a classifier (num_classes "
+                                  f"{meta['num_classes']}): predict.py and evaluate.py need "
+                                  f"class scores")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise CheckpointError(f"{self.path}: its resnext.json names "
+                                  f"{len(self.class_names)} classes for a "
+                                  f"{self.num_classes}-class head")
+        if quantization.get("backend"):
+            _use_engine(quantization, self.path)
+        self.arch_name = str(meta.get("model") or "")
+        dtype = f"{quantization.get('dtype', 'quantized')} " if quantization else ""
+        self.description = (f"{dtype}{kind} file ({self.arch_name or 'unnamed model'}, "
                             f"{self.num_classes} classes)")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -125,6 +165,7 @@ class ArtifactNet(nn.Module):
 
         Raises:
             ConfigError: images of another size than the file's crop.
+            CheckpointError: the file gives something else than (N, num_classes) logits.
         """
         crop = self.preprocessing.crop_size
         if tuple(images.shape[1:]) != (3, crop, crop):
@@ -132,13 +173,29 @@ class ArtifactNet(nn.Module):
                               f"{tuple(images.shape)}")
         images = images.to("cpu", torch.float32).contiguous()
         if self.one_per_call and len(images) > 1:
-            return torch.cat([self._run(image) for image in images.split(1)])
-        return self._run(images)
+            logits = torch.cat([self._run(image) for image in images.split(1)])
+        else:
+            logits = self._run(images)
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (len(images),
+                                                                            self.num_classes):
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+            raise CheckpointError(f"{self.path} gives {got} for {len(images)} images, not "
+                                  f"({len(images)}, {self.num_classes}) logits as its "
+                                  f"resnext.json says")
+        return logits
 
 
-def _use_engine(backend: str, path: str | os.PathLike) -> None:
+def _use_engine(quantization: dict, path: Path) -> None:
+    """Select the file's quantized engine; warn when its 8-bit activations meet a CPU
+    without VNNI."""
+    backend = quantization["backend"]
     if backend not in torch.backends.quantized.supported_engines:
         raise ConfigError(f"{path} is int8 for the {backend!r} quantized engine, which this "
                           f"torch build lacks (it has "
                           f"{', '.join(torch.backends.quantized.supported_engines)})")
     torch.backends.quantized.engine = backend
+    if quantization.get("activation_bits") == 8 and not cpu_has_vnni():
+        warnings.warn(f"{path} has 8-bit int8 activations, made for a CPU with AVX512-VNNI; "
+                      f"this one has none, where fbgemm's kernels may overflow and answer "
+                      f"wrongly: export it again with --activation-bits 7 for this CPU",
+                      ResNeXtWarning, stacklevel=3)

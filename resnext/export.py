@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -114,7 +115,12 @@ def _example(meta: dict, batch: int) -> torch.Tensor:
 def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call write(temporary path beside `path`), then rename it over `path`: a failed or
     interrupted export leaves the previous file (or none), never a torn one. Returns `path`
-    as a Path; its folder is created if missing."""
+    as a Path; its folder is created if missing.
+
+    Raises:
+        OSError: the folder or file cannot be written (the temporary file is removed);
+            whatever `write` raises, likewise.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -236,6 +242,34 @@ def _format_of(path: str | os.PathLike) -> str:
         "exported-program" if name.endswith(".pt2") else "torchscript")
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _load_program(path: str | os.PathLike, files: dict) -> nn.Module:
+    """torch.export.load(...).module() of a file object (any name, not only *.pt2). torch logs
+    why a file cannot be read, with a traceback, and raises a generic error: the reason is
+    kept out of the log and put in the error instead."""
+    logger, caught = logging.getLogger("torch.export"), _Records()
+    saved = logger.handlers, logger.propagate  # torch's logging setup may attach handlers here
+    logger.handlers, logger.propagate = [caught], False
+    try:
+        with open(path, "rb") as f:
+            return torch.export.load(f, extra_files=files).module()
+    except RuntimeError as e:
+        causes = [r.exc_info[1] for r in caught.records if r.exc_info and r.exc_info[1]]
+        if not causes:
+            raise
+        raise RuntimeError(str(causes[-1]).split("(Could this error message")[0].strip()) from e
+    finally:
+        logger.handlers, logger.propagate = saved
+
+
 def load_artifact(path: str | os.PathLike | io.BytesIO, fmt: str | None = None
                   ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
     """Load an exported file with its format's own loader, on CPU (ONNX Runtime with torch's
@@ -252,6 +286,10 @@ def load_artifact(path: str | os.PathLike | io.BytesIO, fmt: str | None = None
     Raises:
         MissingDependencyError: an ONNX file without onnx/onnxruntime installed.
         FileNotFoundError: no such file.
+        RuntimeError (torch) or ONNX Runtime's own errors: the loader refuses the file; for
+            an ExportedProgram the message is the reason torch logged (resnext.artifacts
+            turns these into a CheckpointError naming the file).
+        ValueError: the stored resnext.json is not JSON.
     """
     in_memory = isinstance(path, io.BytesIO)
     fmt = fmt or ("torchscript" if in_memory else _format_of(path))
@@ -277,8 +315,7 @@ def load_artifact(path: str | os.PathLike | io.BytesIO, fmt: str | None = None
         return run, json.loads(stored.get(META_FILE) or "{}")
     with quiet_torch():
         if fmt == "exported-program":
-            with open(path, "rb") as f:  # a file object: any name, not only *.pt2
-                module = torch.export.load(f, extra_files=files).module()
+            module = _load_program(path, files)
             sidecar = Path(str(path) + ".json")
             if not files[META_FILE] and sidecar.is_file():
                 files[META_FILE] = sidecar.read_text()
@@ -306,7 +343,8 @@ class Comparison:
             class of every image and batch size.
         flipped_margins: for each image whose top-1 differs, the reference's margin there
             (its best logit minus the runner-up), smallest first: how close a call it was.
-        median_margin: the reference's median margin over all images, for scale.
+        median_margin: the reference's median margin over all images (the mean of the two
+            middle ones for an even count), for scale.
     """
     images: int
     batch_sizes: tuple[int, ...]
@@ -380,7 +418,7 @@ def compare(reference_fn: Callable[[torch.Tensor], torch.Tensor],
     flipped = tuple(sorted(margins[~agree].tolist()))
     return Comparison(len(images), tuple(batch_sizes), worst, total / count,
                       reference.abs().max().item(), int(agree.sum()), worst_prob, flipped,
-                      margins.median().item())
+                      margins.quantile(0.5).item())
 
 
 def images_per_second(fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,

@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .artifacts import ArtifactNet, artifact_format
+from .artifacts import ArtifactNet, exported_file
 from .checkpoint import read_checkpoint
 from .images import load_image, to_rgb8
 from .errors import ConfigError, ImageReadError, ResNeXtWarning
 from .runtime import autocast, maybe_compile, resolve_amp
 from .transforms import Normalize, Preprocessing
-from .weights import get_model
+from .weights import RELEASED_WEIGHTS, get_model
 
 __all__ = ["InferenceModel", "load_for_inference", "inference_model", "fuse_bn"]
 
@@ -77,6 +77,8 @@ class InferenceModel(nn.Module):
         num_classes: classifier outputs (None without a classifier).
         arch_name: e.g. 'resnext50_32x4d'.
         load_report: what loading the weights did (resnext.checkpoint.LoadReport), or None.
+        exported: for an exported file (resnext.artifacts), what it is, e.g. 'int8 TorchScript
+            file (resnext50_32x4d, 2 classes)'; None for a checkpoint's network.
         pad_to: for a compiled network, the batch size smaller batches are padded to; the
             scripts set their --batch-size, else it is the largest batch seen so far.
             Ignored when the network is not compiled.
@@ -92,6 +94,7 @@ class InferenceModel(nn.Module):
         self.preprocessing = preprocessing or Preprocessing()
         self.class_names, self.num_classes, self.arch_name = class_names, num_classes, arch_name
         self.load_report = None
+        self.exported: str | None = None
         self._normalize = None  # built for the current preprocessing on first uint8 input
         self.pad_to: int | None = None
         self._pads = _is_compiled(net)
@@ -172,12 +175,12 @@ def load_for_inference(name: str | None, checkpoint: str | os.PathLike | None,
         The loader's errors (resnext.errors: CheckpointError, CheckpointNotFoundError,
         DownloadError, ConfigError, MissingDependencyError for ONNX without onnxruntime).
     """
-    exported = artifact_format(checkpoint) if checkpoint else None
+    exported = exported_file(checkpoint)
     if exported:
         ignored = {"--amp": amp, "--fuse-bn": fuse, "--compile": compile,
                    "--raw-weights": not use_ema, f"--device {device}": device.type != "cpu"}
-        return _prepare_artifact(ArtifactNet(checkpoint, exported), name, img_size,
-                                 resize_size, [k for k, on in ignored.items() if on and announce])
+        return _prepare_artifact(ArtifactNet(*exported), name, img_size, resize_size,
+                                 [k for k, on in ignored.items() if on], announce)
     pretrained = read_checkpoint(checkpoint, use_ema=use_ema) if checkpoint else True
     model = get_model(name, pretrained=pretrained, verbose=verbose).to(device)
     preprocessing = model.preprocessing  # from the released table or the file's meta
@@ -203,23 +206,28 @@ def load_for_inference(name: str | None, checkpoint: str | os.PathLike | None,
 
 
 def _prepare_artifact(net: ArtifactNet, name: str | None, img_size: int | None,
-                      resize_size: int | None, ignored: list[str]) -> InferenceModel:
+                      resize_size: int | None, ignored: list[str],
+                      announce: bool) -> InferenceModel:
     """load_for_inference for an exported file: its preprocessing (resize_size may change),
-    class names and network, on CPU; a warning names the options it ignores."""
+    class names and network, on CPU; with `announce`, a warning names the options ignored."""
     pre = net.preprocessing
     if img_size and img_size != pre.crop_size:
         raise ConfigError(f"{net.path} was exported for {pre.crop_size} px crops; --img-size "
                           f"{img_size} cannot change that (export again at that size)")
     if resize_size:
         pre = Preprocessing(pre.crop_size, resize_size, pre.interpolation, pre.mean, pre.std)
-    if name and name.split(".")[0] != net.arch_name:
+    # A registry or mmpretrain name stands for its factory ('resnext50_32x4d.tv2_in1k').
+    wanted = RELEASED_WEIGHTS[name].factory if name in RELEASED_WEIGHTS else name
+    if wanted and net.arch_name and wanted != net.arch_name:
         ignored = [f"--model {name}"] + ignored
-    if ignored:
+    if ignored and announce:
         warnings.warn(f"{', '.join(ignored)} ignored: {net.path} is an exported "
                       f"{net.description}, which fixes its network and dtype and runs on CPU",
                       ResNeXtWarning, stacklevel=3)
-    return InferenceModel(net, torch.device("cpu"), None, False, pre, net.class_names,
-                          net.num_classes, net.arch_name)
+    prepared = InferenceModel(net, torch.device("cpu"), None, False, pre, net.class_names,
+                              net.num_classes, net.arch_name)
+    prepared.exported = net.description
+    return prepared
 
 
 def inference_model(model: nn.Module | str, image: str | os.PathLike | Image.Image,

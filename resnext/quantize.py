@@ -5,7 +5,7 @@
 What is quantized and how (int8_recipe):
   * weights: int8, per output channel, symmetric (torch's default for x86);
   * activations: uint8 with ranges from histogram observers on calibration photos, all 8 bits
-    on a CPU with VNNI, where torch's oneDNN qconfig also uses them; 7 bits (reduce_range,
+    on a CPU with AVX512-VNNI, where torch's oneDNN qconfig also uses them; 7 bits (reduce_range,
     torch's x86 default) otherwise, because fbgemm's AVX2 kernels sum pairs of u8*s8
     products in int16, which full-range activations can overflow;
   * conv + BN + ReLU fused; the layers named in float_layers stay float32: by default the
@@ -31,8 +31,8 @@ FLOAT_LAYERS = {"head": ("fc",), "stem": ("conv1", "bn1", "relu", "maxpool")}
 
 
 def cpu_has_vnni() -> bool:
-    """Whether this CPU has VNNI (AVX512-VNNI or AVX-VNNI), by torch's own check
-    (torch.cpu._is_vnni_supported, False where torch lacks it)."""
+    """Whether this CPU has AVX512-VNNI, by torch's own check (torch.cpu._is_vnni_supported,
+    which does not yet count AVX-VNNI; False where torch lacks the check)."""
     check = getattr(torch.cpu, "_is_vnni_supported", None)
     return bool(check and check())
 
@@ -43,15 +43,18 @@ def int8_recipe(backend: str = "x86", float_layers: Sequence[str] = ("head",),
     meta['quantization']).
 
     Args:
-        backend: the quantized engine, 'x86' (fbgemm + oneDNN) or 'qnnpack' (ARM).
+        backend: the quantized engine: 'x86' (fbgemm + oneDNN), the one measured and tested
+            here (qnnpack, ARM's, has other defaults this recipe does not describe).
         float_layers: FLOAT_LAYERS keys kept in float32.
         full_range: 8-bit activations; None: cpu_has_vnni() (module docstring).
     Returns:
         {'dtype': 'int8', 'backend', 'activation_bits' (8 or 7), 'float_layers' (list),
          'method'}.
     Raises:
-        ConfigError: an unknown float_layers name.
+        ConfigError: another backend, or an unknown float_layers name.
     """
+    if backend != "x86":
+        raise ConfigError(f"int8 export supports the 'x86' quantized engine, not {backend!r}")
     unknown = sorted(set(float_layers) - set(FLOAT_LAYERS))
     if unknown:
         raise ConfigError(f"unknown float layer {', '.join(unknown)}; known: "
@@ -70,13 +73,10 @@ def _qconfig_mapping(recipe: dict):
 
     mapping = get_default_qconfig_mapping(recipe["backend"])
     if recipe["activation_bits"] == 8:
-        full = QConfig(activation=HistogramObserver.with_args(reduce_range=False),
-                       weight=default_per_channel_weight_observer)
-        default = mapping.global_qconfig
-        mapping.set_global(full)
-        for kind, qconfig in list(mapping.object_type_qconfigs.items()):
-            if qconfig is default:  # the fixed-range ops (sigmoid, ...) keep their own
-                mapping.set_object_type(kind, full)
+        # The global qconfig covers every op of a ResNeXt (conv, linear, add, pooling);
+        # torch's per-type entries for ops it lacks (ConvTranspose, LayerNorm, ...) stay.
+        mapping.set_global(QConfig(activation=HistogramObserver.with_args(reduce_range=False),
+                                   weight=default_per_channel_weight_observer))
     for layer in recipe["float_layers"]:
         for name in FLOAT_LAYERS[layer]:
             mapping.set_module_name(name, None)
@@ -94,7 +94,7 @@ def quantize_int8(model: nn.Module, calibration_batches: Iterable[torch.Tensor],
         calibration_batches: (B, 3, crop, crop) float32 images prepared with the weights'
             preprocessing; the observers record activation ranges over all of them (tens of
             photos from the deployment's domain are enough).
-        backend: the quantized engine, 'x86' (fbgemm + oneDNN) or 'qnnpack' (ARM); set as
+        backend: the quantized engine, 'x86' (fbgemm + oneDNN; int8_recipe); set as
             torch.backends.quantized.engine, which must also be the engine of the process
             that runs the result (resnext.artifacts sets it from the file's meta).
         float_layers, full_range: see int8_recipe.
@@ -102,13 +102,13 @@ def quantize_int8(model: nn.Module, calibration_batches: Iterable[torch.Tensor],
         A torch.fx.GraphModule: float32 (N, 3, crop, crop) in, float32 logits out, int8 in
         between; resnext.export.export_torchscript saves it.
     Raises:
-        ConfigError: no calibration batch, an engine this torch build lacks, an unknown
-            float layer, or a torch without torch.ao.quantization's FX mode.
+        ConfigError: no calibration batch, a backend other than x86 or one this torch build
+            lacks, an unknown float layer, or a torch without torch.ao.quantization's FX mode.
     """
+    recipe = int8_recipe(backend, float_layers, full_range)
     if backend not in torch.backends.quantized.supported_engines:
         raise ConfigError(f"this torch build has no {backend!r} quantized engine (it has "
                           f"{', '.join(torch.backends.quantized.supported_engines)})")
-    recipe = int8_recipe(backend, float_layers, full_range)
     with quiet_torch():
         try:
             from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx

@@ -4,6 +4,7 @@ and preprocessing written inside them; what such a file cannot do is refused in 
 import importlib.util
 import json
 import sys
+import warnings
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from resnext.images import list_images
 from resnext.inference import load_for_inference
 from resnext.quantize import int8_recipe, quantize_int8
 from conftest import DEMO, HYMENOPTERA, REPO
+import test_checkpoint
 
 sys.path.insert(0, str(REPO))
 import evaluate as evaluate_script  # noqa: E402  (the scripts: get_args_parser, main)
@@ -25,6 +27,7 @@ import predict as predict_script  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning",
                                         "ignore::DeprecationWarning", "ignore::FutureWarning")
 CPU = torch.device("cpu")
+http_server = test_checkpoint.http_server  # the fixture: a server on 127.0.0.1, a tmp hub dir
 
 
 def _tiny_torchscript(path, extra=None):
@@ -65,10 +68,46 @@ def test_an_exported_file_without_our_metadata_is_refused(tmp_path):
         load_for_inference(None, tmp_path / "garbage.onnx", CPU)
 
 
+def _meta(**changes):
+    meta = {"format": "torchscript", "model": "resnext50_32x4d", "num_classes": 2,
+            "class_names": ["ants", "bees"], "preprocessing": resnext.Preprocessing(2).to_dict()}
+    return json.dumps({**meta, **changes})
+
+
+@pytest.mark.parametrize("stored, message", [
+    ("[]", "without resnext.json metadata"),
+    (_meta(preprocessing={"crop_size": 2, "foo": 1}), "its resnext.json is malformed "
+                                                      r"\(TypeError: .*'foo'"),
+    (_meta(num_classes="two"), r"its resnext.json is malformed \(ValueError"),
+    (_meta(num_classes=0), r"exported without a classifier \(num_classes 0\)"),
+    (_meta(class_names=["ants"]), "names 1 classes for a 2-class head"),
+    (_meta(), r"gives \(1, 3, 2, 2\) for 1 images, not \(1, 2\) logits"),  # Linear on pixels
+])
+def test_a_malformed_exported_file_is_one_error_naming_it(tmp_path, stored, message):
+    path = _tiny_torchscript(tmp_path / "odd.torchscript.pt", {"resnext.json": stored})
+    with pytest.raises(CheckpointError, match=r"odd\.torchscript\.pt.*" + message):
+        load_for_inference(None, path, CPU).classify(torch.zeros(1, 3, 2, 2))
+
+
+def test_an_unreadable_exported_program_says_why_without_a_logged_traceback(tmp_path, capfd):
+    import zipfile
+    path = tmp_path / "broken.pt2"
+    with zipfile.ZipFile(path, "w") as archive:  # torch.export's layout, without its records
+        archive.writestr("broken/archive_format", "pt2")
+    assert artifact_format(path) == "exported-program"
+    with pytest.raises(CheckpointError, match=r"broken\.pt2: not a readable ExportedProgram "
+                                              r"file \(RuntimeError: Expected hasRecord"):
+        ArtifactNet(path)
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_scripts_set_up_the_cpu_for_an_exported_file(tmp_path):
     script = _tiny_torchscript(tmp_path / "m.torchscript.pt")
     with pytest.warns(ResNeXtWarning, match="--device cuda ignored: .*run on CPU"):
         assert artifact_device(script, "cuda") == "cpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResNeXtWarning)  # another rank than 0 says nothing
+        assert artifact_device(script, "cuda", announce=False) == "cpu"
     assert artifact_device(script, None) == "cpu"
     plain = tmp_path / "m.pth"
     torch.save({}, plain)
@@ -133,6 +172,9 @@ def test_predict_runs_every_exported_file(exported, capsys):
         scores = torch.tensor([[t["score"] for t in sorted(a["topk"], key=lambda t: t["label"])]
                                for a in answers])
         if fmt == "int8":
+            # The file's own answers, through torch.jit.load alone: this checks predict.py's
+            # pipeline (decoding, crop, normalisation, batching) around the file; int8's
+            # fidelity to fp32 is tests/test_export.py's subject.
             with torch.no_grad():
                 run = _own_loader(path, fmt)
                 expected = torch.cat([run(image).softmax(1) for image in x.split(1)])
@@ -190,3 +232,47 @@ def test_what_an_exported_file_cannot_do_is_said(exported, tmp_path):
         [str(DEMO / "bird.JPEG"), "--checkpoint", str(path), "--cam", str(tmp_path / "cams")])
     with pytest.raises(ConfigError, match="--cam needs the network's gradients"):
         predict_script.main(args)
+    assert not (tmp_path / "cams").exists()  # refused before any folder was made
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResNeXtWarning)
+        # Names of the file's own network (registry, mmpretrain alias): nothing to ignore.
+        for name in ("resnext50_32x4d", "resnext50_32x4d.tv2_in1k", "resnext50-32x4d_8xb32_in1k"):
+            load_for_inference(name, path, CPU)
+        # Another rank than 0 (announce=False) says nothing either.
+        load_for_inference("resnext101_32x4d", path, CPU, amp="bf16", announce=False)
+
+
+@pytest.mark.slow
+def test_evaluate_names_the_files_network_not_the_ignored_model(exported, tmp_path):
+    _, files = exported
+    with pytest.warns(ResNeXtWarning, match="--model resnext101_32x4d ignored"):
+        result = _evaluate(tmp_path, "--checkpoint", files["torchscript"], "--model",
+                           "resnext101_32x4d")
+    assert result["model"] == "resnext50_32x4d" and result["num_images"] == 33
+
+
+@pytest.mark.slow
+def test_an_exported_file_by_url_is_downloaded_and_run(exported, http_server):
+    model, files = exported
+    base, www, requests = http_server  # 127.0.0.1, and a torch.hub dir of the test's own
+    (www / "served.torchscript.pt").write_bytes(files["torchscript"].read_bytes())
+    url = f"{base}/served.torchscript.pt"
+    assert artifact_device(url, None) == "cpu"
+    prepared = load_for_inference(None, url, CPU)
+    assert prepared.exported == "TorchScript file (resnext50_32x4d, 2 classes)"
+    x = load_images(sorted(DEMO.glob("*.*[gG]")), model.preprocessing)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), model(x), rtol=1e-4, atol=1e-5)
+    assert requests == ["/served.torchscript.pt"]  # downloaded once, then from the cache
+
+
+@pytest.mark.slow
+def test_an_8_bit_int8_file_on_a_cpu_without_vnni_is_run_with_a_warning(exported, monkeypatch):
+    _, files = exported
+    if ArtifactNet(files["int8"]).meta["quantization"]["activation_bits"] != 8:
+        pytest.skip("this CPU made a 7-bit file (no AVX512-VNNI)")
+    import resnext.artifacts
+    monkeypatch.setattr(resnext.artifacts, "cpu_has_vnni", lambda: False)
+    with pytest.warns(ResNeXtWarning, match="8-bit int8 activations, made for a CPU with "
+                                            "AVX512-VNNI.*--activation-bits 7"):
+        ArtifactNet(files["int8"])

@@ -58,7 +58,7 @@ def test_imports_point_one_way():
         "weights": {"checkpoint", "classes", "errors", "model", "releases", "transforms"},
         "inference": {"artifacts", "checkpoint", "errors", "images", "runtime", "transforms",
                       "weights"},
-        "artifacts": {"errors", "transforms"},
+        "artifacts": {"errors", "hub", "quantize", "transforms"},
         "evaluation": {"classes", "datasets", "errors", "images", "inference", "runtime"},
         "recipes": {"datasets", "errors"},
         "releases": {"classes", "hub", "transforms"},
