@@ -9,9 +9,9 @@ What is quantized and how (int8_recipe):
     torch's x86 default) otherwise, because fbgemm's AVX2 kernels sum pairs of u8*s8
     products in int16, which full-range activations can overflow;
   * conv + BN + ReLU fused; the layers named in float_layers stay float32: by default the
-    classifier head (`fc`, ~0.01% of the multiply-adds, and where rounding noise of the
-    pooled features goes straight into the logits); 'stem' adds the 7x7 conv (conv1, bn1,
-    relu, maxpool), which sees the raw pixels.
+    classifier head (`fc`: 0.05% of resnext50_32x4d's multiply-adds at 1000 classes, and
+    where rounding noise of the pooled features goes straight into the logits); 'stem' adds
+    the 7x7 conv (conv1, bn1, relu, maxpool), which sees the raw pixels.
 """
 from __future__ import annotations
 
