@@ -156,19 +156,25 @@ def _size_mb(path_or_bytes: Path | bytes) -> float:
 
 
 def _verdict(result: Comparison, tolerance: float | None, min_agreement: float,
-             meta_ok: bool, outcome: str = "the file is kept") -> int:
-    if result.passed(tolerance, min_agreement) and meta_ok:
-        return 0
-    rules = [f"top-1 agreement >= {min_agreement:g}"]
-    if tolerance is not None:
-        rules.append(f"max |logit diff| <= {tolerance:g} of the logit scale")
+             meta_ok: bool, outcome: str) -> int:
+    """0 when the check passed; else print which rules failed, and `outcome`, and return 1."""
+    failed = []
+    if result.top1_agree < min_agreement * result.images - 1e-9:
+        failed.append(f"top-1 agreement {result.top1_agree}/{result.images} is under "
+                      f"--min-agreement {min_agreement:g}")
+    if tolerance is not None and result.relative_diff > tolerance:
+        failed.append(f"max |logit diff| {result.relative_diff:.2g} of the logit scale is over "
+                      f"--tolerance {tolerance:g}")
     if not meta_ok:
-        rules.append("the metadata read back equal to what was written")
-    print(f"export.py: check failed (wanted {', '.join(rules)}); {outcome}", file=sys.stderr)
+        failed.append("the metadata read back differs from what was written")
+    if not failed:
+        return 0
+    print(f"export.py: check failed: {'; '.join(failed)}; {outcome}", file=sys.stderr)
     return EXIT_FAILED
 
 
-def _quantized(args, model, meta, out: Path, images: torch.Tensor, sizes) -> int:
+def _quantized(args, model, meta, out: Path, images: torch.Tensor, sizes,
+               check_paths: list[Path]) -> int:
     """--quantize int8: calibrate, quantize, check against fp32 (the file's bytes, loaded
     back), write only when the agreement passes; sizes and speed."""
     print("export.py: note: torch 2.14 deprecates torch.ao.quantization and torch.jit; both "
@@ -177,6 +183,15 @@ def _quantized(args, model, meta, out: Path, images: torch.Tensor, sizes) -> int
     listed = collect_images([args.calibrate])
     calib = _spread(listed, args.calibrate_images)
     print(f"calibrate: {len(calib)} of {len(listed)} photos in {printable(args.calibrate)}")
+    if len(calib) < 16:
+        print(f"export.py: note: only {len(calib)} calibration photo"
+              f"{'s' if len(calib) > 1 else ''}; activation ranges measured on so few may not "
+              f"cover the deployment's photos (tens are advised)", file=sys.stderr)
+    shared = {p.resolve() for p in calib} & {p.resolve() for p in check_paths}
+    if shared:
+        print(f"export.py: note: {len(shared)} of the {len(check_paths)} check photos "
+              f"{'are' if len(shared) > 1 else 'is'} also calibrated on, which flatters the "
+              f"agreement; pass other photos to --check-images", file=sys.stderr)
     full_range = None if args.activation_bits is None else args.activation_bits == 8
     recipe = int8_recipe("x86", args.float_layers, full_range)
     batches = (load_images(calib[i:i + 16], pre) for i in range(0, len(calib), 16))
@@ -247,7 +262,7 @@ def main(args: argparse.Namespace) -> int:
     meta = export_meta(model, args.format, args.dynamic_batch,
                        args.checkpoint or model.weights_info.release)
     if int8:
-        return _quantized(args, model, meta, out, images, sizes)
+        return _quantized(args, model, meta, out, images, sizes, check_paths)
     if args.format == "torchscript":
         export_torchscript(model, out, meta)
     elif args.format == "onnx":
@@ -260,7 +275,8 @@ def main(args: argparse.Namespace) -> int:
     result = compare(model, run, images, sizes)
     print(f"check: {result}")
     agreement = 1.0 if args.min_agreement is None else args.min_agreement
-    return _verdict(result, args.tolerance, agreement, stored == meta)
+    return _verdict(result, args.tolerance, agreement, stored == meta,
+                    f"{printable(out)} is kept")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Runtime run the graph it holds. Load only files you trust, as with any model pro
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 import zipfile
@@ -32,18 +33,17 @@ _FORMAT_NAMES = {"torchscript": "TorchScript", "exported-program": "ExportedProg
 
 
 def artifact_format(source: str | os.PathLike) -> str | None:
-    """Which exported format a local file holds, judged by content (a checkpoint may be named
+    """Which exported format a local file holds, judged by content (a file may be named
     anything): 'torchscript' (a zip with code/ and constants.pkl), 'exported-program' (a zip
-    with torch.export's archive_format or models/model.json), 'onnx' (the .onnx suffix: ONNX
-    protobuf has no magic bytes); None for anything else (a checkpoint, a URL, no such file).
+    with torch.export's archive_format or models/model.json), 'onnx' (not a zip, and either
+    the .onnx suffix or the opening of an ONNX ModelProto: ONNX has no magic bytes); None for
+    anything else (a checkpoint, a URL, no such file).
     """
     text = os.fspath(source)
     if "://" in text or not Path(text).is_file():
         return None
-    if Path(text).suffix.lower() == ".onnx":
-        return "onnx"
     if not zipfile.is_zipfile(text):
-        return None
+        return "onnx" if Path(text).suffix.lower() == ".onnx" or _looks_like_onnx(text) else None
     try:
         with zipfile.ZipFile(text) as archive:
             names = archive.namelist()
@@ -55,6 +55,19 @@ def artifact_format(source: str | os.PathLike) -> str | None:
     if "archive_format" in parts or any(n.endswith("/models/model.json") for n in names):
         return "exported-program"
     return None
+
+
+def _looks_like_onnx(path: str) -> bool:
+    """A ModelProto opens with field 1, ir_version (tag 0x08, a small varint), then field 2,
+    producer_name (tag 0x12, a short length, ASCII: 'pytorch' for torch.onnx). A pickle opens
+    with 0x80, a safetensors header with its length, a zip with 'PK'."""
+    if path.lower().endswith(".safetensors"):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(68)
+    return (len(head) > 4 and head[0] == 0x08 and 0 < head[1] < 0x80 and head[2] == 0x12
+            and 0 < head[3] <= 64 and head[4:4 + head[3]].isascii()
+            and len(head) >= 4 + head[3])
 
 
 def exported_file(source: str | os.PathLike | None) -> tuple[Path, str] | None:
@@ -75,11 +88,19 @@ def exported_file(source: str | os.PathLike | None) -> tuple[Path, str] | None:
 def artifact_device(checkpoint: str | os.PathLike | None, device: str | None,
                     announce: bool = True) -> str | None:
     """The device a script should set up for `checkpoint`: 'cpu' for an exported file (with a
-    ResNeXtWarning when `device` asked for another and `announce`: rank 0 only under
-    torchrun), else `device` unchanged."""
+    ResNeXtWarning when `device` names another and `announce`: rank 0 only under torchrun),
+    else `device` unchanged.
+
+    Raises:
+        ConfigError: a device string torch does not know (as for a checkpoint).
+    """
     if exported_file(checkpoint) is None:
         return device
-    if device not in (None, "cpu") and announce:
+    try:
+        kind = torch.device(device).type if device is not None else "cpu"
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"--device {device!r}: {e}") from None
+    if kind != "cpu" and announce:
         warnings.warn(f"--device {device} ignored: {checkpoint} is an exported file, and "
                       f"exported files run on CPU here", ResNeXtWarning, stacklevel=2)
     return "cpu"
@@ -114,20 +135,25 @@ class ArtifactNet(nn.Module):
 
         self.path, self.format = Path(path), fmt or artifact_format(path)
         kind = _FORMAT_NAMES[self.format]
+        if self.path.is_file() and self.path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: empty file (0 bytes), not {_an(kind)} file")
         try:
             self._run, self.meta = load_artifact(self.path, self.format)
-        except Exception as e:  # noqa: BLE001 (re-raised unless the loader refused the file)
-            # torch raises RuntimeError/ValueError; ONNX Runtime its own classes
-            # (InvalidProtobuf, ...); a missing file or package keeps its own error.
-            refused = isinstance(e, (RuntimeError, ValueError, OSError)) or type(
-                e).__module__.startswith("onnxruntime")
-            if isinstance(e, (FileNotFoundError, ImportError)) or not refused:
-                raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: its resnext.json is not JSON ({e})") from None
+        except (FileNotFoundError, ImportError):
+            raise  # a missing file or package (MissingDependencyError) says so itself
+        except Exception as e:  # noqa: BLE001 (the format's own loader refused the file)
+            # torch raises RuntimeError, ValueError, KeyError, ... for a damaged archive, ONNX
+            # Runtime its own classes (InvalidProtobuf, ...): whichever, the file is at fault.
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise CheckpointError(f"{path}: not a readable {kind} file "
-                                  f"({type(e).__name__}: {first})") from None
-        if not isinstance(self.meta, dict) or not self.meta:
-            raise CheckpointError(f"{path}: a {kind} file without resnext.json metadata (not "
+                                  f"({type(e).__name__}{': ' + first if first else ''})") from None
+        if not isinstance(self.meta, dict):
+            raise CheckpointError(f"{path}: its resnext.json is malformed (a "
+                                  f"{type(self.meta).__name__}, not an object)")
+        if not self.meta:
+            raise CheckpointError(f"{path}: {_an(kind)} file without resnext.json metadata (not "
                                   f"written by export.py), so its classes and preprocessing "
                                   f"are unknown")
         self._read_meta(kind)
@@ -183,6 +209,10 @@ class ArtifactNet(nn.Module):
                                   f"({len(images)}, {self.num_classes}) logits as its "
                                   f"resnext.json says")
         return logits
+
+
+def _an(kind: str) -> str:
+    return f"{'an' if kind[0] in 'AEIOU' else 'a'} {kind}"  # an ONNX, an ExportedProgram
 
 
 def _use_engine(quantization: dict, path: Path) -> None:

@@ -229,7 +229,7 @@ def export_program(model: nn.Module, path: str | os.PathLike, meta: dict,
     text = json.dumps(meta)
 
     def save(tmp: str) -> None:  # through a file object: any name, not only *.pt2
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as f, quiet_torch():
             torch.export.save(program, f, extra_files={META_FILE: text})
     write_atomically(path, save)
     write_atomically(str(path) + ".json", lambda tmp: Path(tmp).write_text(text + "\n"))
@@ -261,11 +261,13 @@ def _load_program(path: str | os.PathLike, files: dict) -> nn.Module:
     try:
         with open(path, "rb") as f:
             return torch.export.load(f, extra_files=files).module()
-    except RuntimeError as e:
+    except (RuntimeError, KeyError) as e:
         causes = [r.exc_info[1] for r in caught.records if r.exc_info and r.exc_info[1]]
-        if not causes:
-            raise
-        raise RuntimeError(str(causes[-1]).split("(Could this error message")[0].strip()) from e
+        if causes:
+            raise RuntimeError(str(causes[-1]).split("(Could this error message")[0].strip()
+                               ) from e
+        # The archive opened but holds no program ('model'), or is of no version torch reads.
+        raise RuntimeError(f"it holds no exported program ({type(e).__name__}: {e})") from e
     finally:
         logger.handlers, logger.propagate = saved
 

@@ -18,7 +18,7 @@ from .images import load_image, to_rgb8
 from .errors import ConfigError, ImageReadError, ResNeXtWarning
 from .runtime import autocast, maybe_compile, resolve_amp
 from .transforms import Normalize, Preprocessing
-from .weights import RELEASED_WEIGHTS, get_model
+from .weights import factory_name, get_model
 
 __all__ = ["InferenceModel", "load_for_inference", "inference_model", "fuse_bn"]
 
@@ -213,11 +213,11 @@ def _prepare_artifact(net: ArtifactNet, name: str | None, img_size: int | None,
     pre = net.preprocessing
     if img_size and img_size != pre.crop_size:
         raise ConfigError(f"{net.path} was exported for {pre.crop_size} px crops; --img-size "
-                          f"{img_size} cannot change that (export again at that size)")
+                          f"{img_size} cannot change that")
     if resize_size:
         pre = Preprocessing(pre.crop_size, resize_size, pre.interpolation, pre.mean, pre.std)
     # A registry or mmpretrain name stands for its factory ('resnext50_32x4d.tv2_in1k').
-    wanted = RELEASED_WEIGHTS[name].factory if name in RELEASED_WEIGHTS else name
+    wanted = factory_name(name) if name else None
     if wanted and net.arch_name and wanted != net.arch_name:
         ignored = [f"--model {name}"] + ignored
     if ignored and announce:

@@ -381,6 +381,23 @@ def get_model(name: str | None = None, pretrained: bool | str | os.PathLike | Ch
         model = build_pretrained(arch.name, arch.depth, arch.groups, arch.width_per_group,
                                  pretrained, **kwargs)
     else:
-        known = sorted(set(FACTORIES) | set(RELEASED_WEIGHTS))
-        raise ConfigError(f"unknown model {name!r}; known: {', '.join(known)}")
+        raise _unknown_model(name)
     return model.eval() if pretrained is not False else model
+
+
+def _unknown_model(name: str) -> ConfigError:
+    known = sorted(set(FACTORIES) | set(RELEASED_WEIGHTS))
+    return ConfigError(f"unknown model {name!r}; known: {', '.join(known)}")
+
+
+def factory_name(name: str) -> str:
+    """The factory a factory, registry or mmpretrain name stands for:
+    'resnext50_32x4d.tv2_in1k' and 'resnext50-32x4d_8xb32_in1k' -> 'resnext50_32x4d'.
+
+    Raises:
+        ConfigError: a name that is none of those (the message lists the known ones).
+    """
+    factory = RELEASED_WEIGHTS[name].factory if name in RELEASED_WEIGHTS else name
+    if factory not in FACTORIES:
+        raise _unknown_model(name)
+    return factory

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import sys
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -57,6 +58,35 @@ def test_an_exported_file_is_known_by_content_not_name(tmp_path):
         resnext.read_checkpoint(program)
 
 
+def _tiny_onnx(path):
+    with torch.no_grad():
+        torch.onnx.export(torch.nn.Linear(2, 2).eval(), (torch.zeros(1, 2),), str(path),
+                          dynamo=False)
+    return path
+
+
+def test_names_do_not_decide_the_format(tmp_path):
+    # ONNX under a checkpoint's name and with none; TorchScript under ONNX's suffix.
+    onnx_as_pth = _tiny_onnx(tmp_path / "model.pth")
+    bare = tmp_path / "model"
+    bare.write_bytes(onnx_as_pth.read_bytes())
+    script_as_onnx = _tiny_torchscript(tmp_path / "script.onnx")
+    assert artifact_format(onnx_as_pth) == artifact_format(bare) == "onnx"
+    assert artifact_format(script_as_onnx) == "torchscript"
+    with pytest.raises(CheckpointError, match=r"model\.pth: an exported model \(onnx\)"):
+        resnext.read_checkpoint(onnx_as_pth)
+    # Files that open like nothing of the kind stay checkpoints (the reader names them).
+    state = tmp_path / "weights.pth"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), state, _use_new_zipfile_serialization=False)
+    (tmp_path / "notes.txt").write_text("\x08 not a model")
+    assert artifact_format(state) is artifact_format(tmp_path / "notes.txt") is None
+    empty = tmp_path / "empty.onnx"
+    empty.touch()
+    with pytest.raises(CheckpointError, match=r"empty\.onnx: empty file \(0 bytes\), not an "
+                                              "ONNX file"):
+        ArtifactNet(empty)
+
+
 def test_an_exported_file_without_our_metadata_is_refused(tmp_path):
     script = _tiny_torchscript(tmp_path / "foreign.torchscript.pt")
     with pytest.raises(CheckpointError, match="foreign.torchscript.pt: a TorchScript file "
@@ -75,7 +105,8 @@ def _meta(**changes):
 
 
 @pytest.mark.parametrize("stored, message", [
-    ("[]", "without resnext.json metadata"),
+    ("[]", r"its resnext.json is malformed \(a list, not an object\)"),
+    ("{not json", "its resnext.json is not JSON"),
     (_meta(preprocessing={"crop_size": 2, "foo": 1}), "its resnext.json is malformed "
                                                       r"\(TypeError: .*'foo'"),
     (_meta(num_classes="two"), r"its resnext.json is malformed \(ValueError"),
@@ -90,7 +121,6 @@ def test_a_malformed_exported_file_is_one_error_naming_it(tmp_path, stored, mess
 
 
 def test_an_unreadable_exported_program_says_why_without_a_logged_traceback(tmp_path, capfd):
-    import zipfile
     path = tmp_path / "broken.pt2"
     with zipfile.ZipFile(path, "w") as archive:  # torch.export's layout, without its records
         archive.writestr("broken/archive_format", "pt2")
@@ -99,6 +129,21 @@ def test_an_unreadable_exported_program_says_why_without_a_logged_traceback(tmp_
                                               r"file \(RuntimeError: Expected hasRecord"):
         ArtifactNet(path)
     assert "Traceback" not in capfd.readouterr().err
+    # A real program with its graph taken out: torch's loader finds no program in it.
+    whole = tmp_path / "whole.pt2"
+    with open(whole, "wb") as f:
+        torch.export.save(torch.export.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),)), f,
+                          extra_files={"resnext.json": _meta()})
+    gutted = tmp_path / "gutted.pt2"
+    with zipfile.ZipFile(whole) as src, zipfile.ZipFile(gutted, "w") as dst:
+        for item in src.infolist():
+            if not item.filename.endswith("models/model.json"):
+                dst.writestr(item, src.read(item))
+    assert artifact_format(gutted) == "exported-program"
+    with pytest.raises(CheckpointError, match=r"gutted\.pt2: not a readable ExportedProgram "
+                                              r"file \(RuntimeError: it holds no exported "
+                                              r"program \(KeyError: 'model'\)"):
+        ArtifactNet(gutted)
 
 
 def test_scripts_set_up_the_cpu_for_an_exported_file(tmp_path):
@@ -108,6 +153,9 @@ def test_scripts_set_up_the_cpu_for_an_exported_file(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResNeXtWarning)  # another rank than 0 says nothing
         assert artifact_device(script, "cuda", announce=False) == "cpu"
+        assert artifact_device(script, "cpu:0") == "cpu"  # the CPU by another name: silent
+    with pytest.raises(ConfigError, match="--device 'bogus'"):
+        artifact_device(script, "bogus")  # a typo is an error, as with a checkpoint
     assert artifact_device(script, None) == "cpu"
     plain = tmp_path / "m.pth"
     torch.save({}, plain)
@@ -228,6 +276,8 @@ def test_what_an_exported_file_cannot_do_is_said(exported, tmp_path):
     assert load_for_inference(None, path, CPU, resize_size=80).preprocessing.resize_size == 80
     with pytest.raises(ConfigError, match=r"exported for 64 px crops; --img-size 96"):
         load_for_inference(None, path, CPU, img_size=96)
+    with pytest.raises(ConfigError, match="unknown model 'resnext51'"):
+        load_for_inference("resnext51", path, CPU)  # a typo is an error, as with a checkpoint
     args = predict_script.get_args_parser().parse_args(
         [str(DEMO / "bird.JPEG"), "--checkpoint", str(path), "--cam", str(tmp_path / "cams")])
     with pytest.raises(ConfigError, match="--cam needs the network's gradients"):

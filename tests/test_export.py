@@ -268,7 +268,9 @@ def test_script_check_fails_with_status_1(checkpoint_at_64, tmp_path, capsys):
     assert export_script.main(args) == 1
     out, err = capsys.readouterr()
     assert "check: 4 photos at batch 1," in out and "top-1 agreement 4/4" in out
-    assert "check failed" in err and (tmp_path / "m.pt").exists()
+    assert "check failed: max |logit diff|" in err and "is over --tolerance 1e-30" in err
+    assert "top-1 agreement" not in err  # 4/4 agreed: only the failed rule is named
+    assert f"{tmp_path / 'm.pt'} is kept" in err and (tmp_path / "m.pt").exists()
     run, meta = load_artifact(tmp_path / "m.pt")
     assert meta["source"] == str(checkpoint_at_64) and meta["class_names"] == NAMES
 
@@ -338,6 +340,7 @@ def test_script_int8(decisive_checkpoint, tmp_path):
     size = next(line for line in lines if line.startswith("size:"))
     assert float(size.split("(")[1].split("x")[0]) > 3  # fp32 / int8 file size
     assert not any(line.startswith("speed") for line in lines)  # --speed-runs 0
+    assert "note: only" not in res.stderr and "calibrated on" not in res.stderr  # 40, apart
     _, meta = load_artifact(out)
     assert meta["class_names"] == NAMES and meta["quantization"]["dtype"] == "int8"
     assert meta["quantization"]["activation_bits"] == bits
@@ -350,14 +353,19 @@ def test_script_int8_below_the_bar_writes_nothing(checkpoint_at_64, tmp_path):
     # quantized whole with 7-bit activations: rounding decides the class (measured 16/33).
     out = tmp_path / "int8.pt"
     out.write_bytes(b"an earlier file")
+    first_train = list_images(HYMENOPTERA / "train")[0]  # the first of any spread of them
     res = _run("--checkpoint", checkpoint_at_64, "--quantize", "int8", "--calibrate",
-               HYMENOPTERA / "train", "--check-images", HYMENOPTERA / "val", "--out", out,
-               "--speed-runs", "0", "--float-layers", "--activation-bits", "7")
+               HYMENOPTERA / "train", "--calibrate-images", "8", "--check-images",
+               HYMENOPTERA / "val", first_train, "--out", out, "--speed-runs", "0",
+               "--float-layers", "--activation-bits", "7")
     assert res.returncode == 1, res.stderr[-3000:]
     check = next(line for line in res.stdout.splitlines() if line.startswith("check:"))
     agreed = int(check.split("top-1 agreement ")[1].split("/")[0])
-    assert "(7-bit activations, float32 layers: none)" in check and agreed < 0.99 * 33
-    assert f"check failed (wanted top-1 agreement >= 0.99); {out} not written" in res.stderr
+    assert "(7-bit activations, float32 layers: none)" in check and agreed < 0.99 * 34
+    assert (f"check failed: top-1 agreement {agreed}/34 is under --min-agreement 0.99; {out} "
+            f"not written (--min-agreement lowers the bar)") in res.stderr
+    assert "note: only 8 calibration photos" in res.stderr
+    assert "note: 1 of the 34 check photos is also calibrated on" in res.stderr
     assert not any(line.startswith("wrote") for line in res.stdout.splitlines())
     assert out.read_bytes() == b"an earlier file"
 
