@@ -150,6 +150,7 @@ def test_every_format_loads_to_identical_logits(reference, tmp_path):
     assert "mmengine" not in sys.modules
 
 
+@pytest.mark.slow  # seconds: the quick subset keeps under its budget
 def test_class_names_travel_with_weights(reference, tmp_path):
     model, x, _ = reference
     sd = model.state_dict()
@@ -380,6 +381,7 @@ def _sha8(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:8]
 
 
+@pytest.mark.slow  # seconds: the quick subset keeps under its budget
 def test_pretrained_download_hash_and_cache(reference, tmp_path, http_server, monkeypatch):
     base, www, requests = http_server
     model, x, expected = reference
