@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from resnext.artifacts import artifact_format
 from resnext.checkpoint import read_checkpoint, save_checkpoint
 from resnext.classes import imagenet_class_names
 from resnext.cli import (EXIT_FAILED, HelpFormatter, add_common_args, check_output_path,
@@ -42,7 +43,7 @@ from resnext.datasets import (BalancedDistributedSampler, EpochTaggedSampler,
                               RepeatedAugmentationSampler, SeededAugmentation, build_dataset)
 from resnext.distributed import cleanup_distributed, init_distributed
 from resnext import recipes
-from resnext.errors import (CheckpointNotFoundError, ConfigError, DatasetError,
+from resnext.errors import (CheckpointError, CheckpointNotFoundError, ConfigError, DatasetError,
                             MissingDependencyError, ResNeXtError)
 from resnext.evaluation import build_loader, count_topk, evaluate, topk_for
 from resnext.images import load_image, pixel_limit_worker_init, set_max_image_pixels
@@ -592,12 +593,18 @@ def prepare_work_dir(args, work_dir: Path, is_main: bool, world_size: int = 1) -
     Raises:
         CheckpointNotFoundError (a FileNotFoundError): an explicit --resume path does not
             exist (never a fresh start).
+        CheckpointError: an explicit --resume path is an exported file (export.py's), which
+            holds no optimizer state; refused before the work dir is made.
         ConfigError (a ValueError): the work dir cannot take a new file (checked before any
             work).
     """
     if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
         raise CheckpointNotFoundError(f"--resume {args.resume}: no such checkpoint (use "
                                       f"--resume auto to start fresh when there is none)")
+    if args.resume and args.resume != "auto" and artifact_format(args.resume):
+        raise CheckpointError(f"--resume {args.resume}: an exported model "
+                              f"({artifact_format(args.resume)}), not a training checkpoint; "
+                              f"resume from the work dir's last.pth")
     if is_main:
         check_output_path(work_dir / "last.pth")
         for stale in work_dir.glob(".*.pth.*.tmp"):

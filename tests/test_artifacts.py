@@ -146,6 +146,18 @@ def test_an_unreadable_exported_program_says_why_without_a_logged_traceback(tmp_
         ArtifactNet(gutted)
 
 
+def test_train_refuses_to_resume_from_an_exported_file_before_making_its_work_dir(tmp_path):
+    import train
+    script = _tiny_torchscript(tmp_path / "best.torchscript.pt", {"resnext.json": _meta()})
+    args = train.get_args_parser().parse_args(["--data", str(HYMENOPTERA), "--resume",
+                                               str(script)])
+    work_dir = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=r"--resume .*best\.torchscript\.pt: an exported "
+                                              r"model \(torchscript\), not a training checkpoint"):
+        train.prepare_work_dir(args, work_dir, True)
+    assert not work_dir.exists()
+
+
 def test_scripts_set_up_the_cpu_for_an_exported_file(tmp_path):
     script = _tiny_torchscript(tmp_path / "m.torchscript.pt")
     with pytest.warns(ResNeXtWarning, match="--device cuda ignored: .*run on CPU"):
