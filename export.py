@@ -36,7 +36,7 @@ import torch
 from resnext.cli import (EXIT_FAILED, HelpFormatter, check_output_path, positive_int,
                          non_negative_int, print_load_notes, printable, run_cli)
 from resnext.errors import ConfigError
-from resnext.images import list_images
+from resnext.images import list_images, spread_evenly
 from resnext.export import (FORMATS, Comparison, compare, export_meta,
                             export_onnx, export_program, export_torchscript, images_per_second,
                             load_artifact, load_images, require_onnx, write_atomically)
@@ -142,14 +142,6 @@ def collect_images(items: list[str | Path]) -> list[Path]:
     return paths
 
 
-def _spread(paths: list[Path], n: int) -> list[Path]:
-    """n paths evenly spread over the listing (sorted by class folder: every class gets
-    its share), all of them when there are no more than n."""
-    if len(paths) <= n:
-        return paths
-    return [paths[i * len(paths) // n] for i in range(n)]
-
-
 def _size_mb(path_or_bytes: Path | bytes) -> float:
     size = len(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes.stat().st_size
     return size / 1e6
@@ -181,7 +173,7 @@ def _quantized(args, model, meta, out: Path, images: torch.Tensor, sizes,
           "still work (docs/export.md)", file=sys.stderr)
     pre = model.preprocessing or Preprocessing()
     listed = collect_images([args.calibrate])
-    calib = _spread(listed, args.calibrate_images)
+    calib = spread_evenly(listed, args.calibrate_images)
     print(f"calibrate: {len(calib)} of {len(listed)} photos in {printable(args.calibrate)}")
     if len(calib) < 16:
         print(f"export.py: note: only {len(calib)} calibration photo"

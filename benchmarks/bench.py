@@ -57,7 +57,7 @@ import resnext.cli  # noqa: E402
 import resnext.runtime  # noqa: E402
 from resnext.datasets import (ClassFolderDataset, EpochTaggedSampler,  # noqa: E402
                               SeededAugmentation)
-from resnext.images import list_images, load_image  # noqa: E402
+from resnext.images import list_images, load_image, spread_evenly  # noqa: E402
 from resnext.transforms import (FastTrainTransform, Preprocessing,  # noqa: E402
                                 eval_transform, train_transform)
 from resnext.errors import ConfigError, MissingDependencyError  # noqa: E402
@@ -785,12 +785,6 @@ CALIBRATION_PHOTOS = 32  # int8 calibration photos, spread over the train listin
 CHECK_PHOTOS = 16        # photos of the file-vs-eager check, spread over the val listing
 
 
-def spread(paths: list, count: int) -> list:
-    """`count` of `paths` taken evenly over the whole listing (every class folder its share)."""
-    count = min(count, len(paths))
-    return [paths[i * len(paths) // count] for i in range(count)]
-
-
 def export_models(args) -> tuple:
     """(ours, reference, source, preprocessing): our eval-mode model to export (--checkpoint's,
     else random weights with randomised BN statistics: decisive logits for the check),
@@ -916,8 +910,8 @@ def bench_export(args, device) -> dict:
         print(f"Export: the files run on CPU (load_artifact), not on {device}")
     ours, reference, source, pre = export_models(args)
     root = data_folder(args.data, "hymenoptera_data")
-    calibration = spread(list_images(root / "train"), CALIBRATION_PHOTOS)
-    check = spread(list_images(root / "val"), CHECK_PHOTOS)
+    calibration = spread_evenly(list_images(root / "train"), CALIBRATION_PHOTOS)
+    check = spread_evenly(list_images(root / "val"), CHECK_PHOTOS)
     crop, shown = pre.crop_size, os.path.relpath(root, Path.cwd())
     print(f"Deployment files, {ours.arch_name}, {crop}x{crop}, CPU "
           f"({torch.get_num_threads()} threads), loaded back with load_artifact, images/s "

@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .artifacts import artifact_format
 from .errors import ConfigError, MissingDependencyError
 from .images import load_image
 from .quantize import quantize_int8
@@ -236,12 +237,6 @@ def export_program(model: nn.Module, path: str | os.PathLike, meta: dict,
     return Path(path)
 
 
-def _format_of(path: str | os.PathLike) -> str:
-    name = str(path).lower()
-    return "onnx" if name.endswith(".onnx") else (
-        "exported-program" if name.endswith(".pt2") else "torchscript")
-
-
 class _Records(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -280,7 +275,7 @@ def load_artifact(path: str | os.PathLike | io.BytesIO, fmt: str | None = None
     Args:
         path: a file export_torchscript, export_onnx or export_program wrote (a BytesIO
             for TorchScript).
-        fmt: a FORMATS key; None: from the suffix (.onnx, .pt2, else TorchScript).
+        fmt: a FORMATS key; None: judged by content (resnext.artifacts.artifact_format).
     Returns:
         (run, meta): run maps (N, 3, crop, crop) float32 images to (N, num_classes) float32
         logits (torch tensors in and out, also for ONNX Runtime); meta is the dict stored in
@@ -294,9 +289,10 @@ def load_artifact(path: str | os.PathLike | io.BytesIO, fmt: str | None = None
         ValueError: the stored resnext.json is not JSON.
     """
     in_memory = isinstance(path, io.BytesIO)
-    fmt = fmt or ("torchscript" if in_memory else _format_of(path))
     if not in_memory and not Path(path).is_file():
         raise FileNotFoundError(2, "No such file", str(path))
+    # Unrecognised content goes to torch.jit.load, which refuses it with its reason.
+    fmt = fmt or ("torchscript" if in_memory else artifact_format(path) or "torchscript")
     files = {META_FILE: ""}
     if fmt == "onnx":
         require_onnx()

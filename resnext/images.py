@@ -20,7 +20,8 @@ from PIL import Image, ImageOps
 from .errors import ImageReadError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "load_image", "to_rgb8", "list_images",
-           "list_class_folders", "set_max_image_pixels", "pixel_limit_worker_init"]
+           "spread_evenly", "list_class_folders", "set_max_image_pixels",
+           "pixel_limit_worker_init"]
 
 
 def _decodable_extensions() -> tuple[str, ...]:
@@ -236,6 +237,15 @@ def list_images(folder: str | os.PathLike, skipped: Counter | None = None) -> li
         stack.extend(reversed(subfolders))
     found.sort(key=lambda item: item[:2])
     return [path for _, _, path in found]
+
+
+def spread_evenly(paths: list[Path], n: int) -> list[Path]:
+    """n of `paths` taken evenly over the whole listing (list_images sorts by class folder, so
+    every class gets its share); all of them when there are no more than n. Used to pick
+    int8 calibration and check photos."""
+    if len(paths) <= n:
+        return list(paths)
+    return [paths[i * len(paths) // n] for i in range(n)]
 
 
 def _class_folders(root: str | os.PathLike, skipped: Counter | None = None) -> dict[str, Path]:

@@ -158,6 +158,16 @@ def test_train_refuses_to_resume_from_an_exported_file_before_making_its_work_di
     assert not work_dir.exists()
 
 
+def test_calibration_photos_are_spread_over_every_class():
+    from resnext.images import spread_evenly
+    paths = list_images(HYMENOPTERA / "train")  # ants first, then bees
+    picked = spread_evenly(paths, 4)
+    assert picked == [paths[0], paths[len(paths) // 4], paths[len(paths) // 2],
+                      paths[3 * len(paths) // 4]]  # by hand: i * N // 4
+    assert {p.parent.name for p in picked} == {"ants", "bees"}
+    assert spread_evenly(paths[:3], 4) == paths[:3]
+
+
 def test_scripts_set_up_the_cpu_for_an_exported_file(tmp_path):
     script = _tiny_torchscript(tmp_path / "m.torchscript.pt")
     with pytest.warns(ResNeXtWarning, match="--device cuda ignored: .*run on CPU"):

@@ -63,7 +63,7 @@ def test_imports_point_one_way():
         "recipes": {"datasets", "errors"},
         "releases": {"classes", "hub", "transforms"},
         "report": {"cli"},
-        "export": {"errors", "images", "quantize", "runtime", "transforms"},
+        "export": {"artifacts", "errors", "images", "quantize", "runtime", "transforms"},
         "quantize": {"errors", "runtime"},
         "plot": {"cli", "errors"}, "cam": set(),
     }
